@@ -1,0 +1,1 @@
+"""Ray actors: sampler, verifier and prover pools (thin wrappers over engines)."""

@@ -1,0 +1,1 @@
+"""Entry points: train, evaluate, sweep, frontier, serve, prove, demo, bench, submit."""

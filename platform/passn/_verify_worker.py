@@ -1,0 +1,53 @@
+"""The answer-checking worker process behind :class:`passn.verify.AnswerChecker`.
+
+Reads JSON lines ``[prediction, reference]`` from stdin and writes ``[correct, reason]`` lines.
+It caps its own address space first; the parent kills it when a check overruns its time bound.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+
+
+def _equivalent(prediction: str, reference: str) -> tuple[bool, str]:
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    config = [LatexExtractionConfig(), ExprExtractionConfig()]
+    # Timeouts off: math-verify's alarm-based ones are replaced by the parent's kill.
+    gold = parse(f"${reference}$", extraction_config=config, parsing_timeout=None)
+    pred = parse(f"${prediction}$", extraction_config=config, parsing_timeout=None)
+    if not gold or not pred:
+        return False, "parse_error"
+    ok = verify(gold, pred, timeout_seconds=None)
+    return bool(ok), "symbolic" if ok else "not_equivalent"
+
+
+def main() -> None:
+    memory_bytes = int(sys.argv[1])
+    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    sys.setrecursionlimit(10_000)
+    logging.disable(logging.CRITICAL)
+    import math_verify  # noqa: F401  (import before "ready": the parent times checks, not start-up)
+
+    out = sys.stdout.buffer
+    out.write(b"ready\n")
+    out.flush()
+    for line in sys.stdin.buffer:
+        prediction, reference = json.loads(line)
+        try:
+            result = _equivalent(prediction, reference)
+        except MemoryError:
+            result = (False, "memory")
+        except RecursionError:
+            result = (False, "parse_error")
+        except Exception:  # noqa: BLE001  (any failure inside math-verify means "not verified")
+            result = (False, "parse_error")
+        out.write(json.dumps(result).encode() + b"\n")
+        out.flush()
+
+
+if __name__ == "__main__":
+    main()

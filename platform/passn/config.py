@@ -1,0 +1,343 @@
+"""The run configuration: validated pydantic models, YAML files and dotted overrides.
+
+    cfg = load_config("configs/tiny.yaml", ["objective.kind=dco", "objective.budget=64"])
+
+Every field is checked once at load; unknown keys are errors (``extra="forbid"``); an error names
+the dotted field path, the value given and what to do. The dotted paths are also Ray Tune's
+search-space keys (``passn sweep --grid objective.budget=1,4,16``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+import fsspec
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# vLLM's CPU attention kernels accept only these head sizes (docs/ENVIRONMENT.md).
+VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field, the value and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class TinyModelSpec(_Strict):
+    """A built-in Llama-shaped model created from this spec and saved as a Hugging Face folder."""
+
+    architecture: Literal["llama"] = "llama"
+    tokenizer: Literal["char", "byte"] = "char"
+    hidden_size: PositiveInt = 64
+    intermediate_size: PositiveInt = 256
+    num_layers: PositiveInt = 2
+    num_heads: PositiveInt = 2
+    head_dim: PositiveInt = 32
+    max_position_embeddings: PositiveInt = 64
+    tie_word_embeddings: bool = False
+
+    @model_validator(mode="after")
+    def _vllm_head_dim(self) -> TinyModelSpec:
+        if self.head_dim not in VLLM_CPU_HEAD_DIMS:
+            raise ValueError(
+                f"model.tiny.head_dim ({self.head_dim}) must be one of {list(VLLM_CPU_HEAD_DIMS)} "
+                "so vLLM can serve the model on CPU"
+            )
+        return self
+
+
+class ModelConfig(_Strict):
+    """Exactly one of ``path`` (a Hugging Face folder: local, or ``s3://...``) or ``tiny``."""
+
+    path: str | None = None
+    tiny: TinyModelSpec | None = None
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.path is None) == (self.tiny is None):
+            raise ValueError(
+                "set exactly one of model.path (a Hugging Face model folder, local or s3://) "
+                "or model.tiny (a built-in tiny architecture, e.g. model.tiny={})"
+            )
+        return self
+
+
+class SyntheticTaskConfig(_Strict):
+    num_train: PositiveInt = 1000
+    num_test: PositiveInt = 2000
+    question_length: PositiveInt = 6
+    num_letters: Annotated[int, Field(ge=1, le=26)] = 10
+    beta: Annotated[float, Field(gt=0)] = 3.0
+
+
+class TaskConfig(_Strict):
+    """``synthetic``: the built-in task (docs/TOY.md); ``math``: MATH-format files."""
+
+    kind: Literal["synthetic", "math"] = "synthetic"
+    variant: Literal["direct", "cot", "r1"] = "direct"
+    seed: int = 0
+    synthetic: SyntheticTaskConfig = SyntheticTaskConfig()
+    train_path: str | None = None
+    test_path: str | None = None
+    max_bad_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
+    answer_check: Literal["symbolic", "exact"] = "symbolic"
+
+    @model_validator(mode="after")
+    def _sources(self) -> TaskConfig:
+        if self.kind == "math" and self.train_path is None and self.test_path is None:
+            raise ValueError("task.kind = 'math' needs task.train_path and/or task.test_path (JSONL, Parquet or a save_to_disk folder)")
+        if self.kind == "synthetic" and self.variant == "r1":
+            raise ValueError("task.variant = 'r1' applies to task.kind = 'math'; the synthetic task has 'direct' and 'cot'")
+        return self
+
+
+ObjectiveKind = Literal["ce", "dco", "dco_step", "dcoa", "dr_grpo"]
+
+
+class ObjectiveConfig(_Strict):
+    """The training objective (docs/MATH.md). ``budget`` is N' (N_eff for dco_step)."""
+
+    kind: ObjectiveKind = "ce"
+    budget: Annotated[int, Field(ge=1, le=1 << 20)] = 1
+    refill_threshold: Annotated[float, Field(ge=0)] = 0.0
+    ce_normalisation: Literal["sequence_sum", "token_mean"] = "sequence_sum"
+    whole_proof: bool = False
+    mc_samples: PositiveInt = 64
+    ce_warmup_steps: Annotated[int, Field(ge=0)] = 20
+    group_size: PositiveInt = 8
+    staleness: Annotated[int, Field(ge=0, le=1)] = 0
+
+    @model_validator(mode="after")
+    def _threshold(self) -> ObjectiveConfig:
+        if self.refill_threshold >= 1:
+            raise ValueError(
+                f"objective.refill_threshold ({self.refill_threshold}) must be in [0, 1): it is compared "
+                "with the coverage weight F, which is at most 1"
+            )
+        if self.whole_proof and self.kind != "dco_step":
+            raise ValueError("objective.whole_proof applies only to objective.kind = 'dco_step'")
+        return self
+
+
+class OptimConfig(_Strict):
+    learning_rate: Annotated[float, Field(gt=0)] = 2e-5
+    warmup_steps: Annotated[int, Field(ge=0)] = 20
+    epochs: PositiveInt = 4
+    sequences_per_step: PositiveInt = 64
+    micro_sequences_per_worker: PositiveInt = 8
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    max_grad_norm: Annotated[float, Field(ge=0)] = 1.0
+
+
+class SamplingConfig(_Strict):
+    samples_per_prompt: PositiveInt = 64
+    temperature: Annotated[float, Field(ge=0)] = 1.0
+    max_new_tokens: PositiveInt = 1024
+    seed: int = 0
+
+
+class EvaluationConfig(_Strict):
+    samples_per_problem: PositiveInt = 256
+    k_grid: list[PositiveInt] = [1, 4, 16, 64, 256]
+
+    @model_validator(mode="after")
+    def _grid(self) -> EvaluationConfig:
+        too_big = [k for k in self.k_grid if k > self.samples_per_problem]
+        if too_big:
+            raise ValueError(
+                f"evaluation.k_grid has k = {too_big} above evaluation.samples_per_problem "
+                f"({self.samples_per_problem}); pass@k needs at least k samples: raise "
+                "samples_per_problem or drop those k"
+            )
+        return self
+
+    @field_validator("k_grid")
+    @classmethod
+    def _sorted_grid(cls, k_grid: list[int]) -> list[int]:
+        if not k_grid:
+            raise ValueError("evaluation.k_grid must list at least one k")
+        return sorted(set(k_grid))
+
+
+class StorageConfig(_Strict):
+    """Where results go: a local folder or ``s3://bucket/prefix`` (credentials from the environment)."""
+
+    run_dir: str | None = None
+    checkpoint_every_steps: Annotated[int, Field(ge=0)] = 0
+    keep_checkpoints: PositiveInt = 3
+    s3_endpoint_url: str | None = None
+
+
+class ResourcesConfig(_Strict):
+    num_workers: PositiveInt = 1
+    gpus_per_worker: Annotated[float, Field(ge=0)] = 0
+    cpus_per_worker: Annotated[float, Field(gt=0)] = 1
+    sampler_actors: Annotated[int, Field(ge=0)] = 1
+    sampler_gpu_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
+    backend: Literal["deepspeed", "ddp"] = "deepspeed"
+    zero_stage: Literal[0, 1, 2, 3] = 2
+
+
+class RunConfig(_Strict):
+    """A whole run: model, task, objective, optimisation, sampling, evaluation, storage, resources."""
+
+    model: ModelConfig = ModelConfig(tiny=TinyModelSpec())
+    task: TaskConfig = TaskConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    optim: OptimConfig = OptimConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    storage: StorageConfig = StorageConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _cross_fields(self) -> RunConfig:
+        kind = self.objective.kind
+        if kind == "dcoa" and self.task.variant == "direct":
+            raise ValueError(
+                "objective.kind = 'dcoa' needs a chain-of-thought task: set task.variant = 'cot' "
+                "(for direct answers use objective.kind = 'dco', whose confidence is exact)"
+            )
+        per_step = self.optim.sequences_per_step
+        if per_step % self.resources.num_workers:
+            raise ValueError(
+                f"optim.sequences_per_step ({per_step}) must be divisible by resources.num_workers "
+                f"({self.resources.num_workers}) so every worker trains the same number of sequences"
+            )
+        if kind == "dr_grpo" and per_step % self.objective.group_size:
+            raise ValueError(
+                f"optim.sequences_per_step ({per_step}) must be a multiple of objective.group_size "
+                f"({self.objective.group_size}) for dr_grpo: each step trains whole rollout groups"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def _field_names(model: type[BaseModel], loc: Sequence[str | int]) -> list[str]:
+    """The valid field names at ``loc`` (for "did you mean" hints)."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            inner = getattr(field, "annotation", None)
+            args = getattr(inner, "__args__", ())
+            sub = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+            if sub is None:
+                return list(model.model_fields)
+            model = sub
+        else:
+            model = field.annotation
+    return list(model.model_fields)
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-after"))]
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            known = _field_names(RunConfig, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f"did you mean '{'.'.join(map(str, loc[:-1] + [close[0]]))}'?" if close else f"known fields here: {', '.join(known)}"
+            lines.append(f"  {path}: unknown field (value {err['input']!r}); {hint}")
+        elif err["type"] == "value_error":
+            lines.append(f"  {path}: {str(err['msg']).removeprefix('Value error, ')}")
+        else:
+            lines.append(f"  {path} = {err['input']!r}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    if not all(keys):
+        raise ConfigError(f"--set {dotted}: empty key in the dotted path")
+    node = tree
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{key}' holds a value ({child!r}), not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"objective.budget=64"`` -> ``("objective.budget", 64)``; the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like dotted.key=value (e.g. objective.budget=64)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc})") from exc
+    return key.strip(), value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: Sequence[str] | dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``tree`` with dotted overrides applied (strings ``key=value`` or a dict)."""
+    tree = json.loads(json.dumps(tree))  # deep copy; YAML config trees are JSON-shaped
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
+    for key, value in items:
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def read_config_tree(path: str) -> dict[str, Any]:
+    """The raw mapping in a YAML file (local path or URL)."""
+    try:
+        with fsspec.open(path, "rt", encoding="utf-8") as f:
+            tree = yaml.safe_load(f)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such configuration file") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model, task, objective, ...)")
+    return tree
+
+
+def build_config(tree: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def load_config(path: str | None = None, overrides: Sequence[str] | dict[str, Any] = ()) -> RunConfig:
+    """Read ``path`` (YAML; None for the defaults), apply dotted ``overrides``, validate."""
+    tree = read_config_tree(path) if path is not None else {}
+    tree = apply_overrides(tree, overrides)
+    source = path or "defaults"
+    if overrides:
+        source += " with overrides " + ", ".join(overrides if not isinstance(overrides, dict) else [f"{k}={v}" for k, v in overrides.items()])
+    return build_config(tree, source)
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """sha256 of the canonical JSON form: two configs that train the same thing hash the same."""
+    canonical = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
