@@ -1,6 +1,6 @@
 """The answer-checking worker process behind :class:`passn.verify.AnswerChecker`.
 
-Reads JSON lines ``[prediction, reference]`` from stdin and writes ``[correct, reason]`` lines.
+Reads JSON lines ``[prediction, reference, mode]`` from stdin and writes ``[correct, reason]`` lines.
 It caps its own address space first; the parent kills it when a check overruns its time bound.
 """
 
@@ -12,7 +12,13 @@ import resource
 import sys
 
 
-def _equivalent(prediction: str, reference: str) -> tuple[bool, str]:
+def _equivalent(prediction: str, reference: str, mode: str) -> tuple[bool, str]:
+    from passn.verify import exact_match
+
+    if exact_match(prediction, reference):
+        return True, "exact"
+    if mode == "exact":
+        return False, "not_equivalent"
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
     config = [LatexExtractionConfig(), ExprExtractionConfig()]
@@ -36,9 +42,9 @@ def main() -> None:
     out.write(b"ready\n")
     out.flush()
     for line in sys.stdin.buffer:
-        prediction, reference = json.loads(line)
+        prediction, reference, mode = json.loads(line)
         try:
-            result = _equivalent(prediction, reference)
+            result = _equivalent(prediction, reference, mode)
         except MemoryError:
             result = (False, "memory")
         except RecursionError:

@@ -206,8 +206,9 @@ def max_confidence_bounds(q_best: float, q_second: float, budget: int) -> tuple[
     Both fall as N grows: explore at large N, exploit at small N. N = 1 gives (1, 1).
     Returns (lower, upper).
     """
-    if not 0 < q_best <= 1 or not 0 <= q_second <= q_best:
-        raise ValueError("need 0 < q_best <= 1 and 0 <= q_second <= q_best")
+    if not 0 < q_best <= 1 or not 0 <= q_second <= q_best or q_best + q_second > 1 + 1e-12:
+        raise ValueError("need 0 < q_best <= 1, 0 <= q_second <= q_best and q_best + q_second <= 1 "
+                         "(at most one answer is correct)")
     if budget < 1:
         raise ValueError(f"budget must be >= 1, got {budget}")
     if budget == 1:
@@ -215,4 +216,4 @@ def max_confidence_bounds(q_best: float, q_second: float, budget: int) -> tuple[
     exponent = 1.0 / (budget - 1)
     upper = 1.0 / (1.0 + (q_second / q_best) ** exponent)
     lower = 1.0 - ((1.0 - q_best) / q_best) ** exponent
-    return float(min(max(lower, 0.0), upper)), float(upper)
+    return float(max(lower, 0.0)), float(upper)

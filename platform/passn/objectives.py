@@ -45,10 +45,13 @@ def log1mexp(logp: torch.Tensor) -> torch.Tensor:
     Near s = 0 (p near 1) ``log(-expm1(s))`` keeps the digits ``log1p(-exp(s))`` loses, and the
     reverse holds for very negative s.
     """
+    # Each branch sees only inputs from its own side, so the unused one never makes inf * 0 = nan
+    # in the backward pass.
+    cut = -math.log(2.0)
     return torch.where(
-        logp > -math.log(2.0),
-        torch.log(-torch.expm1(logp)),
-        torch.log1p(-torch.exp(logp)),
+        logp > cut,
+        torch.log(-torch.expm1(logp.clamp(min=cut))),
+        torch.log1p(-torch.exp(logp.clamp(max=cut))),
     )
 
 
@@ -180,7 +183,9 @@ def dco_loss(
 def dco_loss_closed_form(seq_logp_B: torch.Tensor, budget: int | float) -> torch.Tensor:
     """l_DCO^N = -log(1 - (1 - p)^N) through autograd (paper Eq. 3; MATH.md section 2b).
 
-    Computed as ``-log(-expm1(N * log1mexp(s)))``. Where p < 2e-22 it uses the asymptote
+    Computed as ``-log1mexp(N * log1mexp(s))``: both steps pick the branch whose backward pass
+    keeps full precision (torch's ``expm1`` backward forms ``result + 1``, which cancels when the
+    result is near -1). Where p < 2e-22 it uses the asymptote
     ``-(s + log N)`` (exact in float64 there), so both ends stay finite with finite gradients.
     """
     _check_budget(budget)
@@ -188,7 +193,7 @@ def dco_loss_closed_form(seq_logp_B: torch.Tensor, budget: int | float) -> torch
         return -seq_logp_B
     # s = 0 (p = 1) makes log1mexp(s) = -inf; its true gradient F(N, 1) = 0 is what the clamp gives.
     s_mid = seq_logp_B.clamp(min=_TINY_LOGP, max=-1e-300)
-    closed = -torch.log(-torch.expm1(budget * log1mexp(s_mid)))
+    closed = -log1mexp(budget * log1mexp(s_mid))
     s_low = seq_logp_B.clamp(max=_TINY_LOGP)
     asymptote = -(s_low + math.log(budget))
     return torch.where(seq_logp_B < _TINY_LOGP, asymptote, closed)

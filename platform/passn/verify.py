@@ -103,6 +103,8 @@ def extract_answer(completion: str | None) -> str | None:
         if arg is not None:
             arg = arg.strip()
             return arg or None
+    if "\\boxed" in text or "\\fbox" in text:
+        return None  # a box that never closes: the answer was cut off
     m = None
     for m in _FINAL_ANSWER.finditer(text):
         pass
@@ -138,7 +140,8 @@ def minerva_normalise(answer: str) -> str:
         answer = answer.replace(before, after)
     for expr in _REMOVED_EXPRESSIONS:
         answer = answer.replace(expr, "")
-    answer = re.sub(r"(.*?)(\$)(.*?)(\$)(.*)", "$\\3$", answer)
+    if answer.count("$") >= 2:  # guarded: without two '$' this pattern backtracks quadratically
+        answer = re.sub(r"(.*?)(\$)(.*?)(\$)(.*)", "$\\3$", answer)
     answer = re.sub(r"(\\text\{)(.*?)(\})", "\\2", answer)
     answer = re.sub(r"(\\textbf\{)(.*?)(\})", "\\2", answer)
     answer = re.sub(r"(\\overline\{)(.*?)(\})", "\\2", answer)
@@ -149,6 +152,11 @@ def minerva_normalise(answer: str) -> str:
     if answer.replace(",", "").isdigit():
         answer = answer.replace(",", "")
     return answer
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    """The paper's exact mode: string equality after Minerva's normalisation."""
+    return minerva_normalise(prediction) == minerva_normalise(reference)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,6 +186,11 @@ class CheckerStats:
     restarts: int = 0
 
 
+# Up to this length the parent normalises in-process (microseconds); longer strings are normalised
+# inside the worker, under its time bound.
+_PARENT_NORMALISE_CHARS = 1000
+
+
 class _Worker:
     """One math-verify process: JSON lines in and out, RLIMIT_AS set by the child itself."""
 
@@ -187,6 +200,7 @@ class _Worker:
         self.proc: subprocess.Popen[bytes] | None = None
         self._buffer = b""
         self._ready = False
+        self._spawner: threading.Thread | None = None
 
     def _spawn(self) -> None:
         """Start the process without waiting: after a kill, the import overlaps the caller's work."""
@@ -200,7 +214,15 @@ class _Worker:
         self._buffer = b""
         self._ready = False
 
+    def _spawn_in_background(self) -> None:
+        """Fork the replacement off the caller's path: forking a large process takes a while."""
+        self._spawner = threading.Thread(target=self._spawn, daemon=True)
+        self._spawner.start()
+
     def _ensure_ready(self) -> None:
+        if self._spawner is not None:
+            self._spawner.join()
+            self._spawner = None
         if self.proc is None:
             self._spawn()
         if not self._ready:
@@ -210,6 +232,9 @@ class _Worker:
             self._ready = True
 
     def kill(self) -> None:
+        if self._spawner is not None:
+            self._spawner.join()
+            self._spawner = None
         if self.proc is not None:
             try:
                 self.proc.kill()
@@ -239,14 +264,14 @@ class _Worker:
         line, self._buffer = self._buffer.split(b"\n", 1)
         return line
 
-    def check(self, items: Sequence[tuple[str, str]], timeout_s: float, stats: CheckerStats,
+    def check(self, items: Sequence[tuple[str, str]], mode: Mode, timeout_s: float, stats: CheckerStats,
               window: int = 32) -> list[Verdict]:
         """Check (prediction, reference) pairs in order; each gets ``timeout_s`` of worker time."""
         verdicts: list[Verdict] = []
         while len(verdicts) < len(items):
             self._ensure_ready()
             batch = items[len(verdicts) : len(verdicts) + window]
-            payload = b"".join(json.dumps([p, r]).encode() + b"\n" for p, r in batch)
+            payload = b"".join(json.dumps([p, r, mode]).encode() + b"\n" for p, r in batch)
             try:
                 self.proc.stdin.write(payload)  # type: ignore[union-attr]
                 self.proc.stdin.flush()  # type: ignore[union-attr]
@@ -260,7 +285,7 @@ class _Worker:
                 if line is None:
                     died = self.proc.poll() is not None
                     self.kill()
-                    self._spawn()
+                    self._spawn_in_background()
                     stats.restarts += 1
                     if not died:
                         stats.timeouts += 1
@@ -349,7 +374,12 @@ class AnswerChecker:
             return cached, key
         if len(pred) > self.max_answer_chars:
             return self._remember(key, Verdict(False, "too_long")), key
-        if pred == ref or minerva_normalise(pred) == minerva_normalise(ref):
+        if pred == ref:
+            self.stats.exact_hits += 1
+            return self._remember(key, Verdict(True, "exact")), key
+        if len(pred) > _PARENT_NORMALISE_CHARS or len(ref) > _PARENT_NORMALISE_CHARS:
+            return None, key  # Minerva's regexes are quadratic: long strings go to a killable worker
+        if exact_match(pred, ref):
             self.stats.exact_hits += 1
             return self._remember(key, Verdict(True, "exact")), key
         if self.mode == "exact":
@@ -373,7 +403,7 @@ class AnswerChecker:
                 worker = self._free.pop()
             try:
                 self.stats.worker_checks += len(shard)
-                return worker.check(shard, self.timeout_s, self.stats)
+                return worker.check(shard, self.mode, self.timeout_s, self.stats)
             finally:
                 with self._worker_available:
                     self._free.append(worker)

@@ -1,0 +1,204 @@
+"""passn.verify: extraction, exact and symbolic matching, bounds on time and memory, the cache.
+
+These start math-verify worker processes (real math-verify, no mocks).
+"""
+
+import threading
+import time
+
+import pytest
+
+from passn import verify
+from passn.verify import AnswerChecker, Verdict, answers_match, check_answer, extract_answer
+
+# math-verify issue 65: parse() hangs forever on this answer despite its own timeout.
+ISSUE_65 = r"\boxed{\dfrac{5^{\left(5^{\left(5^{\left(5^5\right)}\right)} - 4\right)} - 5}{16}}"
+
+
+@pytest.fixture(scope="module")
+def checker():
+    with AnswerChecker(timeout_s=1.0, max_answer_chars=200_000) as c:
+        yield c
+
+
+# ----------------------------------------------------------------------------------------------
+# extraction
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("completion", "answer"),
+    [
+        (r"so \boxed{\frac{1}{\sqrt{2}}} and finally \boxed{3^{2}}", "3^{2}"),  # last box, nested braces
+        (r"\boxed{\left\{1, 2\right\}}", r"\left\{1, 2\right\}"),
+        (r"hence \boxed 5.", "5."),
+        (r"\fbox{7} was it", "7"),
+        (r"\fbox{7} but \boxed{8}", "8"),  # \boxed wins over \fbox
+        ("Final Answer: The final answer is $\\frac{3}{4}$. I hope it is correct.", "\\frac{3}{4}"),
+        ("  42 ", "42"),  # a direct answer
+        ("\u22123", "-3"),  # U+2212 minus
+        ("1\u200b2", "12"),  # zero-width space
+        ("", None),
+        ("   \n ", None),
+        ("two lines\nno box", None),
+        (r"\boxed{}", None),
+        (r"\boxed{unclosed", None),
+        (None, None),
+    ],
+)
+def test_extract_answer(completion, answer):
+    assert extract_answer(completion) == answer
+
+
+def test_minerva_normalisation_hand_examples():
+    assert verify.minerva_normalise("10,000") == "10000"
+    assert verify.minerva_normalise(r"\text{5 cm}") == "5"
+    assert verify.minerva_normalise("x = 3") == "3"
+    assert verify.minerva_normalise(r"\frac12") == r"\frac{1}{2}"
+
+
+# ----------------------------------------------------------------------------------------------
+# matching
+# ----------------------------------------------------------------------------------------------
+
+EQUIVALENT = [
+    ("0.5", r"\frac{1}{2}"),
+    (r"\frac12", r"\frac{1}{2}"),
+    ("2x+x^2", "x^2+2x"),
+    (r"\{2,1\}", r"\{1,2\}"),
+    (r"\frac{\sqrt2}{2}", r"\sqrt{2}/2"),
+    ("3.0", "3"),
+    ("\u22123", "-3"),
+]
+DIFFERENT = [("3", "4"), ("x^2", "x^3"), (r"\frac{1}{3}", "0.33"), ("(1,2)", "[1,2]")]
+EXACT_ONLY = [("10,000", "10000"), (r"\text{5 cm}", "5"), ("$\\frac12$", r"\frac{1}{2}"), ("x = 3", "3")]
+
+
+@pytest.mark.parametrize(("pred", "ref"), EQUIVALENT)
+def test_symbolic_accepts_equivalent_answers(checker, pred, ref):
+    assert checker.check(pred, ref).correct
+
+
+@pytest.mark.parametrize(("pred", "ref"), DIFFERENT)
+def test_symbolic_rejects_different_answers(checker, pred, ref):
+    verdict = checker.check(pred, ref)
+    assert not verdict.correct and verdict.reason in ("not_equivalent", "parse_error")
+
+
+@pytest.mark.parametrize(("pred", "ref"), EXACT_ONLY + EQUIVALENT[:2] + DIFFERENT)
+def test_symbolic_accepts_everything_exact_accepts(checker, pred, ref):
+    with AnswerChecker(mode="exact") as exact:
+        if exact.check(pred, ref).correct:
+            assert checker.check(pred, ref).correct
+
+
+def test_exact_mode_is_string_equality_after_minerva_normalisation():
+    with AnswerChecker(mode="exact") as exact:
+        assert exact.check("10,000", "10000") == Verdict(True, "exact")
+        assert exact.check("0.5", r"\frac{1}{2}") == Verdict(False, "not_equivalent")
+        assert exact.stats.worker_checks == 0  # exact mode never starts math-verify
+
+
+def test_public_functions(checker):
+    assert answers_match(r"\frac{2}{4}", "0.5")
+    assert not answers_match("7", "8")
+    assert answers_match("10,000", "10000", mode="exact")
+    assert check_answer(None, "3") == Verdict(False, "empty")
+    assert check_answer("  ", "3") == Verdict(False, "empty")
+
+
+@pytest.mark.parametrize("junk", ["}{", r"\frac{", "$$", r"\boxed{", "\\" * 50, "a" * 5000, "∫∫∫", "\x00"])
+def test_junk_never_raises(checker, junk):
+    verdict = checker.check(junk, "3")
+    assert verdict.correct is False
+
+
+# ----------------------------------------------------------------------------------------------
+# bounds: every adversarial check returns False within twice its time bound
+# ----------------------------------------------------------------------------------------------
+
+ADVERSARIAL = {
+    "issue 65 tower": extract_answer(ISSUE_65),
+    "9^9^9^9": "9^9^9^9",
+    "braced tower": "9^{9^{9^{9}}}",
+    "power of two tower": "2^{2^{2^{2^{2^{2^{2}}}}}}",
+    "20k nested fractions": r"\frac{" * 20_000,
+}
+
+
+@pytest.mark.parametrize("name", list(ADVERSARIAL))
+def test_adversarial_answers_are_bounded(checker, name):
+    assert checker.check("1", "1").correct  # the worker is up: time the check, not a start-up
+    start = time.monotonic()
+    verdict = checker.check(ADVERSARIAL[name], "3")
+    elapsed = time.monotonic() - start
+    assert verdict.correct is False
+    assert elapsed < 2 * checker.timeout_s, (name, verdict, elapsed)
+    # and the checker keeps working afterwards
+    assert checker.check("0.25", r"\frac14").correct
+
+
+def test_a_timeout_is_reported_and_the_worker_restarts():
+    with AnswerChecker(timeout_s=0.5) as c:
+        verdict = c.check(ADVERSARIAL["issue 65 tower"], "3")
+        assert verdict == Verdict(False, "timeout")
+        assert c.stats.timeouts == 1 and c.stats.restarts == 1
+        assert c.check("0.5", r"\frac12").correct
+
+
+def test_a_killed_worker_is_replaced():
+    with AnswerChecker(timeout_s=2.0) as c:
+        assert c.check("0.5", r"\frac12").correct
+        c._workers[0].proc.kill()
+        c._workers[0].proc.wait()
+        verdict = c.check("0.75", r"\frac34")
+        assert verdict.reason == "worker_died"
+        assert c.check("0.2", r"\frac15").correct
+
+
+def test_memory_cap_is_enforced():
+    with AnswerChecker(timeout_s=5.0, memory_mb=300) as c:
+        assert c.check("0.5", r"\frac12").correct
+        pid = c._workers[0].proc.pid
+        limits = open(f"/proc/{pid}/limits").read()
+        line = next(l for l in limits.splitlines() if l.startswith("Max address space"))
+        assert line.split()[3:5] == [str(300 << 20), str(300 << 20)]  # soft and hard, in bytes
+        # an answer whose exact value needs ~1 GiB fails inside the cap, and the checker lives on
+        assert c.check("2^{2^{33}}", "3").correct is False
+        assert c.check("0.25", r"\frac14").correct
+
+
+# ----------------------------------------------------------------------------------------------
+# cache and concurrency
+# ----------------------------------------------------------------------------------------------
+
+
+def test_repeated_answers_are_checked_once():
+    with AnswerChecker() as c:
+        pairs = [(r"\frac{1}{2}", "0.5")] * 50 + [("\u22121/2", "-0.5")] * 50
+        verdicts = c.check_many(pairs)
+        assert all(v.correct for v in verdicts)
+        assert c.stats.worker_checks == 2  # two distinct (prediction, reference) keys
+        c.check(r"\frac{1}{2}", "0.5")
+        assert c.stats.worker_checks == 2 and c.stats.cache_hits >= 1
+
+
+def test_parallel_workers_agree_with_one():
+    pairs = EQUIVALENT + DIFFERENT
+    with AnswerChecker(workers=2) as two:
+        got = [v.correct for v in two.check_many(pairs)]
+    assert got == [True] * len(EQUIVALENT) + [False] * len(DIFFERENT)
+
+
+def test_thread_safe(checker):
+    results = []
+
+    def work(i):
+        results.append(checker.check(f"{i}/2", f"{i / 2}").correct)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [True] * 8
