@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
@@ -279,6 +280,9 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+_YAML11_MISSED_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``"objective.budget=64"`` -> ``("objective.budget", 64)``; the value is read as YAML."""
     key, sep, raw = text.partition("=")
@@ -288,6 +292,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc})") from exc
+    if isinstance(value, str) and _YAML11_MISSED_FLOAT.fullmatch(value):
+        value = float(value)  # YAML 1.1 reads "2e-5" (no dot) as a string
     return key.strip(), value
 
 

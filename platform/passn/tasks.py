@@ -258,6 +258,8 @@ def load_math_problems(source: str, max_bad_fraction: float = 0.0, rejects_path:
         pairs = list(_iter_rows(source))
     except FileNotFoundError as exc:
         raise DataError(f"{source}: no such file") from exc
+    except PermissionError as exc:
+        raise DataError(f"{source}: access denied ({exc}); check the storage credentials") from exc
     good: list[Problem] = []
     bad: list[Rejected] = []
     for where, row in pairs:

