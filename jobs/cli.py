@@ -1,0 +1,51 @@
+"""The `passn` command. Each subcommand lives in its own module under jobs/ and is imported only
+when it runs, so `passn --help` stays fast (no Ray, vLLM or DeepSpeed at start-up)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _config_command(args: argparse.Namespace) -> int:
+    from passn.config import ConfigError, config_hash, load_config, to_yaml
+
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(to_yaml(cfg), end="")
+    print(f"# config hash {config_hash(cfg)[:16]}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="passn",
+        description="Fine-tune language models for pass@N (DCO, DCOstep, DCOa) on Ray.",
+        epilog="Training, evaluation, sweeps, serving and the demo arrive with their issues; see README.md.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config = sub.add_parser("config", help="validate a configuration and print it resolved",
+                            description="Load CONFIG (YAML; omit for the defaults), apply --set overrides, "
+                                        "validate, and print the resolved configuration with its hash.")
+    config.add_argument("config", nargs="?", help="YAML file, local or s3://")
+    config.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override, e.g. objective.budget=64 (repeatable)")
+    config.set_defaults(run=_config_command)
+
+    from jobs import bench
+
+    bench.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
