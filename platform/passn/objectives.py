@@ -68,7 +68,7 @@ def coverage_weight(budget: int | float | torch.Tensor, confidence: float | torc
     p = _as_float64(confidence)
     if bool(((p < 0) | (p > 1) | torch.isnan(p)).any()):
         raise ValueError("confidence p must lie in [0, 1]")
-    n = _as_float64(budget)
+    n = _as_float64(budget).to(p.device)
     n, p = torch.broadcast_tensors(n, p)
     log_q = torch.log1p(-p)
     return _weight_from_log_q(n, p, log_q, small=p < math.exp(_TINY_LOGP))
@@ -84,7 +84,7 @@ def coverage_weight_from_logp(budget: int | float | torch.Tensor, logp: torch.Te
     s = _as_float64(logp)
     if bool(((s > 0) | torch.isnan(s)).any()):
         raise ValueError("log-confidence must be <= 0")
-    n = _as_float64(budget)
+    n = _as_float64(budget).to(s.device)
     n, s = torch.broadcast_tensors(n, s)
     return _weight_from_log_q(n, torch.exp(s), log1mexp(s), small=s < _TINY_LOGP)
 
@@ -246,7 +246,7 @@ def whole_proof_dco_loss(
 def monte_carlo_confidence(num_correct: torch.Tensor, num_samples: int | torch.Tensor) -> torch.Tensor:
     """p_MC = correct / k: the share of k sampled chains of thought whose answer verifies."""
     num_correct = _as_float64(num_correct)
-    k = _as_float64(num_samples)
+    k = _as_float64(num_samples).to(num_correct.device)
     if bool((k < 1).any()) or bool(((num_correct < 0) | (num_correct > k)).any()):
         raise ValueError("need 0 <= num_correct <= num_samples and num_samples >= 1")
     return num_correct / k
