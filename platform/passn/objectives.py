@@ -75,7 +75,8 @@ def coverage_weight(budget: int | float | torch.Tensor, confidence: float | torc
 
 
 def coverage_weight_from_logp(budget: int | float | torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """F(N, p) from the log-confidence s = log p (see :func:`coverage_weight`).
+    """F(N, p) = N p (1 - p)^(N - 1) / (1 - (1 - p)^N) from s = log p (paper Eq. 4; see
+    :func:`coverage_weight`).
 
     Preferred inside training: models give s directly, and 1 - p is taken as exp(log1mexp(s)),
     which stays exact when p is within 1e-16 of 1.
@@ -106,7 +107,8 @@ def _weight_from_log_q(n: torch.Tensor, p: torch.Tensor, log_q: torch.Tensor, sm
 
 
 def token_logprobs(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
-    """log p(y_t | x, y_<t) for each target token, in float32 (or float64 if the logits are).
+    """log p(y_t | x, y_<t) = logit[y_t] - logsumexp(logits) per target token (paper Eq. 1), in
+    float32 (or float64 if the logits are).
 
     ``logits_BTV[:, t]`` must score ``targets_BT[:, t]`` (shift before calling:
     Hugging Face causal LMs give ``logits[:, :-1]`` for ``input_ids[:, 1:]``). bf16 logits are
@@ -118,7 +120,8 @@ def token_logprobs(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.
 
 
 def sequence_logprob(token_logp_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
-    """s = log p(y | x) = sum_t mask_t log p(y_t | x, y_<t) (MATH.md notation)."""
+    """s = log p(y | x) = sum_t mask_t log p(y_t | x, y_<t): the log of the confidence p that
+    enters Eq. 2-4 (paper Section 4; MATH.md notation)."""
     return (token_logp_BT * mask_BT.to(token_logp_BT.dtype)).sum(-1)
 
 
@@ -147,7 +150,8 @@ def weighted_ce_loss(
     weight_B: torch.Tensor,
     normalisation: CeNormalisation = "sequence_sum",
 ) -> torch.Tensor:
-    """weight * l_CE per sequence, with the weight detached (shape [B]).
+    """w * l_CE per sequence with w detached, the form of every DCO variant's gradient
+    ``grad l = F grad l_CE`` (paper Eq. 4). Shape [B].
 
     Detached: the weight is a coefficient of the CE gradient, not a path for gradients.
     """
@@ -161,7 +165,7 @@ def weighted_ce_loss(
 
 
 def dco_weights(seq_logp_B: torch.Tensor, budget: int | float | torch.Tensor) -> torch.Tensor:
-    """F(N', p) per sequence from log-confidences, float64 and detached (paper Eq. 4)."""
+    """F(N', p) per sequence from log-confidences, float64 and detached (paper Eq. 4; MATH.md 2)."""
     return coverage_weight_from_logp(budget, seq_logp_B.detach())
 
 
@@ -244,7 +248,8 @@ def whole_proof_dco_loss(
 
 
 def monte_carlo_confidence(num_correct: torch.Tensor, num_samples: int | torch.Tensor) -> torch.Tensor:
-    """p_MC = correct / k: the share of k sampled chains of thought whose answer verifies."""
+    """p_MC = correct / k: the share of k sampled chains of thought whose final answer verifies,
+    the Monte Carlo estimate of p(y | x) = sum_c p(c, y | x) (paper Section 5.4; MATH.md section 4)."""
     num_correct = _as_float64(num_correct)
     k = _as_float64(num_samples).to(num_correct.device)
     if bool((k < 1).any()) or bool(((num_correct < 0) | (num_correct > k)).any()):
@@ -279,14 +284,15 @@ def dcoa_loss(
 
 
 def group_advantages(rewards_PG: torch.Tensor) -> torch.Tensor:
-    """A_i = R_i - mean_j R_j within each prompt's group of G rollouts (no std division)."""
+    """A_i = R_i - mean_j R_j within each prompt's group of G rollouts, no division by the std
+    (Dr. GRPO; paper Appendix B, MATH.md section 6)."""
     rewards = rewards_PG.to(torch.float64)
     return rewards - rewards.mean(dim=-1, keepdim=True)
 
 
 def balanced_groups(rewards_PG: torch.Tensor) -> torch.Tensor:
-    """Batch balancing: True for prompts whose G rewards are not all equal (all 0 or all 1 carry
-    no gradient signal and are skipped)."""
+    """Batch balancing: True for prompts whose G rewards are not all equal; all 0 or all 1 give
+    A_i = 0 for every rollout, no gradient signal, and are skipped (paper Appendix B)."""
     return rewards_PG.amax(dim=-1) != rewards_PG.amin(dim=-1)
 
 
