@@ -6,10 +6,24 @@ It caps its own address space first; the parent kills it when a check overruns i
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import resource
 import sys
+
+
+_PARSE_CACHE = True
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _parse(answer: str) -> tuple:
+    """math-verify's parse of one answer, cached: a reference is compared with many predictions."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    # Timeouts off: math-verify's alarm-based ones are replaced by the parent's kill.
+    config = [LatexExtractionConfig(), ExprExtractionConfig()]
+    return tuple(parse(f"${answer}$", extraction_config=config, parsing_timeout=None))
 
 
 def _equivalent(prediction: str, reference: str, mode: str) -> tuple[bool, str]:
@@ -19,20 +33,19 @@ def _equivalent(prediction: str, reference: str, mode: str) -> tuple[bool, str]:
         return True, "exact"
     if mode == "exact":
         return False, "not_equivalent"
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+    from math_verify import verify
 
-    config = [LatexExtractionConfig(), ExprExtractionConfig()]
-    # Timeouts off: math-verify's alarm-based ones are replaced by the parent's kill.
-    gold = parse(f"${reference}$", extraction_config=config, parsing_timeout=None)
-    pred = parse(f"${prediction}$", extraction_config=config, parsing_timeout=None)
+    parse = _parse if _PARSE_CACHE else _parse.__wrapped__
+    gold, pred = parse(reference), parse(prediction)
     if not gold or not pred:
         return False, "parse_error"
-    ok = verify(gold, pred, timeout_seconds=None)
+    ok = verify(list(gold), list(pred), timeout_seconds=None)
     return bool(ok), "symbolic" if ok else "not_equivalent"
 
 
 def main() -> None:
-    memory_bytes = int(sys.argv[1])
+    global _PARSE_CACHE
+    memory_bytes, _PARSE_CACHE = int(sys.argv[1]), sys.argv[2] == "cache"
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     sys.setrecursionlimit(10_000)
     logging.disable(logging.CRITICAL)

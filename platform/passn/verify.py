@@ -232,8 +232,9 @@ _PARENT_NORMALISE_CHARS = 1000
 class _Worker:
     """One math-verify process: JSON lines in and out, RLIMIT_AS set by the child itself."""
 
-    def __init__(self, memory_bytes: int, startup_timeout_s: float) -> None:
+    def __init__(self, memory_bytes: int, startup_timeout_s: float, parse_cache: bool) -> None:
         self.memory_bytes = memory_bytes
+        self.parse_cache = parse_cache
         self.startup_timeout_s = startup_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
         self._buffer = b""
@@ -245,7 +246,7 @@ class _Worker:
         source_root = str(Path(__file__).resolve().parent.parent)
         code = f"import sys; sys.path.insert(0, {source_root!r}); from passn._verify_worker import main; main()"
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", code, str(self.memory_bytes)],
+            [sys.executable, "-c", code, str(self.memory_bytes), "cache" if self.parse_cache else "no-cache"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             start_new_session=True,  # a Ctrl-C to the caller does not kill it mid-line
         )
@@ -339,8 +340,8 @@ class AnswerChecker:
 
     ``timeout_s`` bounds each math-verify check (the worker is killed and restarted when it is
     exceeded); ``memory_mb`` caps each worker's address space; ``workers`` processes check cache
-    misses in parallel. The cache key is (mode, normalised prediction, normalised reference).
-    Thread-safe.
+    misses in parallel. The cache key is (normalised prediction, normalised reference); workers also
+    cache math-verify's parse of each answer. ``cache=False`` turns both off. Thread-safe.
     """
 
     def __init__(self, mode: Mode = "symbolic", timeout_s: float = 2.0, memory_mb: int = 2048,
@@ -356,7 +357,7 @@ class AnswerChecker:
         self.cache_size = cache_size if cache else 0
         self.stats = CheckerStats()
         self._cache: dict[tuple[str, str], Verdict] = {}
-        self._workers = [_Worker(memory_mb << 20, startup_timeout_s) for _ in range(workers)]
+        self._workers = [_Worker(memory_mb << 20, startup_timeout_s, cache) for _ in range(workers)]
         self._free = list(self._workers)
         self._lock = threading.Lock()
         self._worker_available = threading.Condition(self._lock)
