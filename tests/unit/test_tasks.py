@@ -69,7 +69,8 @@ def test_synthetic_prompts_completions_and_checks():
     completion = cot.reference_completion(p)
     assert completion == "".join(sorted(p.question)) + "=" + p.answer
     assert cot.check(p, completion).correct
-    assert not cot.check(p, "".join(sorted(p.question)) + "=00" if p.answer != "00" else "=11").correct
+    wrong = "00" if p.answer != "00" else "11"
+    assert not cot.check(p, "".join(sorted(p.question)) + "=" + wrong).correct
 
 
 # ----------------------------------------------------------------------------------------------
