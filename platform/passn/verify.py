@@ -106,11 +106,9 @@ def extract_answer(completion: str | None) -> str | None:
             return arg or None
     if "\\boxed" in text or "\\fbox" in text:
         return None  # a box that never closes: the answer was cut off
-    m = None
-    for m in _FINAL_ANSWER.finditer(text):
-        pass
-    if m is not None:
-        answer = m.group(1).strip().rstrip(".").strip()
+    sentences = list(_FINAL_ANSWER.finditer(text))
+    if sentences:
+        answer = sentences[-1].group(1).strip().rstrip(".").strip()
         return answer.strip("$").strip() or None
     if text and "\n" not in text:
         return text.strip("$").strip() or None
