@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="passn",
         description="Fine-tune language models for pass@N (DCO, DCOstep, DCOa) on Ray.",
-        epilog="Training, evaluation, sweeps, serving and the demo arrive with their issues; see README.md.",
+        epilog="Evaluation, sweeps and serving arrive with their issues; see README.md.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -35,6 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted override, e.g. objective.budget=64 (repeatable)")
     config.set_defaults(run=_config_command)
+
+    train = sub.add_parser("train", help="fine-tune with CE, DCO or DCOstep (Ray Train + DeepSpeed)",
+                           description="Train CONFIG into --run-dir on a Ray cluster (local by default). A run "
+                                       "directory with checkpoints is resumed from the newest valid one.")
+    from jobs import train as train_job  # light: Ray and DeepSpeed load only when a run starts
+
+    train_job.add_arguments(train)
+    train.set_defaults(run=train_job.main_with_args)
 
     from jobs import bench
 

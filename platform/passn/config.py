@@ -39,7 +39,8 @@ class TinyModelSpec(_Strict):
     """A built-in Llama-shaped model created from this spec and saved as a Hugging Face folder."""
 
     architecture: Literal["llama"] = "llama"
-    tokenizer: Literal["char", "byte"] = "char"
+    tokenizer: Literal["char"] = "char"
+    alphabet: Literal["synthetic", "ascii"] = "synthetic"
     hidden_size: PositiveInt = 64
     intermediate_size: PositiveInt = 256
     num_layers: PositiveInt = 2
@@ -190,6 +191,8 @@ class ResourcesConfig(_Strict):
     sampler_gpu_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
     backend: Literal["deepspeed", "ddp"] = "deepspeed"
     zero_stage: Literal[0, 1, 2, 3] = 2
+    max_failures: Annotated[int, Field(ge=0)] = 1
+    threads_per_worker: PositiveInt = 1
 
 
 class RunConfig(_Strict):
@@ -218,6 +221,12 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"optim.sequences_per_step ({per_step}) must be divisible by resources.num_workers "
                 f"({self.resources.num_workers}) so every worker trains the same number of sequences"
+            )
+        per_worker, micro = per_step // self.resources.num_workers, self.optim.micro_sequences_per_worker
+        if micro < per_worker and per_worker % micro:
+            raise ValueError(
+                f"each worker trains optim.sequences_per_step / resources.num_workers = {per_worker} sequences a "
+                f"step, which optim.micro_sequences_per_worker ({micro}) must divide"
             )
         if kind == "dr_grpo" and per_step % self.objective.group_size:
             raise ValueError(

@@ -1,0 +1,564 @@
+"""`passn train CONFIG --run-dir DIR`: fine-tune with CE, DCO or DCOstep on Ray Train + DeepSpeed.
+
+A Ray Train ``TorchTrainer`` runs :func:`train_loop` on every worker. The loop is one story on
+every device (CPU with gloo, CUDA with NCCL): build model and engine; for each step take
+candidates, weigh them, refill to exactly ``optim.sequences_per_step`` sequences, forward,
+backward, step, report; at each epoch end evaluate exactly and checkpoint. A run directory that
+already holds checkpoints is resumed from the newest one whose manifest verifies, also when Ray
+Train's FailureConfig restarts a failed worker group.
+
+    passn train configs/tiny.yaml --run-dir runs/ce
+    passn train configs/tiny.yaml --run-dir runs/dco --set objective.kind=dco --set objective.budget=64
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from passn import checkpoint as ckpt
+from passn import evaluation, objectives
+from passn.config import ConfigError, RunConfig, config_hash, load_config, to_yaml
+from passn.data import CandidateStream, Example, collate, encode_examples, refill
+from passn.models import load_model
+from passn.tasks import DataError, MathTask, SyntheticTask, Task
+
+FAULT_ENV = "PASSN_FAULT_KILL_RANK_AT_STEP"  # fault injection for tests: "RANK:STEP"
+
+
+# ---------------------------------------------------------------------------------------------
+# Task and data (also used by the driver to fail before any training)
+# ---------------------------------------------------------------------------------------------
+
+
+def build_task(cfg: RunConfig, run_dir: str | None = None) -> Task:
+    t = cfg.task
+    if t.kind == "synthetic":
+        s = t.synthetic
+        return SyntheticTask(seed=t.seed, variant=t.variant, num_train=s.num_train, num_test=s.num_test,  # type: ignore[arg-type]
+                             question_length=s.question_length, num_letters=s.num_letters, beta=s.beta)
+    return MathTask(t.train_path, t.test_path, template=t.variant, max_bad_fraction=t.max_bad_fraction,
+                    rejects_dir=run_dir, mode=t.answer_check)
+
+
+def max_sequence_length(cfg: RunConfig, model) -> int:
+    return cfg.model.tiny.max_position_embeddings if cfg.model.tiny else int(model.config.max_position_embeddings)
+
+
+def check_before_training(cfg: RunConfig, run_dir: str) -> None:
+    """Everything that can fail on bad input, checked in the driver before workers start."""
+    if cfg.objective.kind in ("dcoa", "dr_grpo"):
+        raise ConfigError(f"objective.kind = '{cfg.objective.kind}' samples from the policy during training; "
+                          "it needs the sampler pool (not available yet): use ce, dco or dco_step")
+    if cfg.objective.whole_proof:
+        raise ConfigError("objective.whole_proof needs a task made of proofs (the Coq task); the "
+                          f"{cfg.task.kind} task has single-step examples: set objective.whole_proof = false")
+    task = build_task(cfg, run_dir)
+    model, tokenizer = load_model(cfg.model, cfg.seed)
+    limit = max_sequence_length(cfg, model)
+    for split in ("train", "test"):
+        try:
+            problems = task.problems(split)  # type: ignore[arg-type]
+        except DataError:
+            if split == "test" and cfg.task.kind == "math":
+                continue  # a run without a held-out split skips the epoch-end evaluation
+            raise
+        encode_examples(tokenizer, task, problems, limit)
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines: DeepSpeed (default) or torch DDP, behind one small interface
+# ---------------------------------------------------------------------------------------------
+
+
+def _lr_lambda(warmup_steps: int):
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+class DeepSpeedEngine:
+    def __init__(self, model, cfg: RunConfig, micro_batches: int, device: torch.device) -> None:
+        import deepspeed
+
+        o = cfg.optim
+        optimizer = torch.optim.AdamW(model.parameters(), lr=o.learning_rate, betas=o.betas,
+                                      weight_decay=o.weight_decay, eps=1e-8)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(o.warmup_steps))
+        bf16 = device.type == "cuda" and cfg.model.dtype != "float32"
+        ds_config = {
+            "train_micro_batch_size_per_gpu": 1,  # passn forms micro-batches itself
+            "gradient_accumulation_steps": micro_batches,
+            "zero_optimization": {"stage": cfg.resources.zero_stage},
+            "gradient_clipping": o.max_grad_norm,
+            "bf16": {"enabled": bf16},
+            "steps_per_print": 1 << 30,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        self.module = self.engine.module
+
+    def forward(self, **kwargs):
+        return self.engine(**kwargs)
+
+    def backward_and_step(self, loss: torch.Tensor) -> None:
+        # passn already divides by the step's sequence count: no second division by GAS
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def save_state(self, local_dir: str) -> None:
+        self.engine.save_checkpoint(local_dir, tag="state", save_latest=False)
+
+    def load_state(self, local_dir: str) -> None:
+        path, _ = self.engine.load_checkpoint(local_dir, tag="state", load_module_strict=True)
+        if path is None:  # DeepSpeed only warns when nothing was found
+            raise ckpt.CheckpointError(f"DeepSpeed found no training state in {local_dir}")
+
+    def state_files(self, rank: int) -> list[str]:
+        """The files under state/ this rank needs to resume (its ZeRO shard and the model states)."""
+        return [f"state/state/mp_rank_00_model_states.pt",
+                f"state/state/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"] if self.engine.zero_optimization() else \
+            ["state/state/mp_rank_00_model_states.pt"]
+
+
+class DDPEngine:
+    def __init__(self, model, cfg: RunConfig, micro_batches: int, device: torch.device) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        o = cfg.optim
+        model.to(device)
+        self.module = model
+        self.engine = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=o.learning_rate, betas=o.betas,
+                                           weight_decay=o.weight_decay, eps=1e-8)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(o.warmup_steps))
+        self.micro_batches, self.max_grad_norm = micro_batches, o.max_grad_norm
+        self._micro = 0
+
+    def forward(self, **kwargs):
+        return self.engine(**kwargs)
+
+    def backward_and_step(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        self._micro += 1
+        if self._micro == self.micro_batches:
+            if self.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self._micro = 0
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def save_state(self, local_dir: str) -> None:
+        import torch.distributed as dist
+
+        if dist.get_rank() == 0:  # DDP replicates everything: one copy suffices
+            Path(local_dir).mkdir(parents=True, exist_ok=True)
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       f"{local_dir}/optimizer.pt")
+
+    def load_state(self, local_dir: str) -> None:
+        from safetensors.torch import load_file
+
+        state = torch.load(f"{local_dir}/optimizer.pt", weights_only=True)  # written by this run only
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        weights = load_file(f"{Path(local_dir).parent}/model/model.safetensors")
+        self.module.load_state_dict(weights, strict=False)
+
+    def state_files(self, rank: int) -> list[str]:
+        return ["state/optimizer.pt", "model/model.safetensors"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Run-directory side effects: metrics, TensorBoard, RNG
+# ---------------------------------------------------------------------------------------------
+
+
+class MetricsSink:
+    """metrics.jsonl and TensorBoard events, staged locally and copied to the run dir on flush."""
+
+    def __init__(self, run_dir: str) -> None:
+        from tensorboardX import SummaryWriter
+
+        self.run_dir = run_dir.rstrip("/")
+        self.local = Path(tempfile.mkdtemp(prefix="passn-metrics-"))
+        fs, root = __import__("fsspec").core.url_to_fs(f"{self.run_dir}/metrics.jsonl")
+        if fs.exists(root):
+            fs.get_file(root, str(self.local / "metrics.jsonl"))
+        self.writer = SummaryWriter(str(self.local / "tensorboard"))
+
+    def log(self, row: dict[str, Any]) -> None:
+        with open(self.local / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and key != "step":
+                self.writer.add_scalar(f"train/{key}", value, row["step"])
+
+    def flush(self) -> None:
+        self.writer.flush()
+        ckpt.upload_tree(self.local, self.run_dir)
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+        shutil.rmtree(self.local, ignore_errors=True)
+
+
+def read_metrics(run_dir: str) -> list[dict[str, Any]]:
+    """Per-step metrics of a run; after a resume the re-run steps replace the earlier lines."""
+    import fsspec
+
+    rows: dict[int, dict[str, Any]] = {}
+    with fsspec.open(f"{run_dir.rstrip('/')}/metrics.jsonl", "r") as f:
+        for line in f:
+            row = json.loads(line)
+            rows[row["step"]] = row
+    return [rows[s] for s in sorted(rows)]
+
+
+def rng_state() -> dict[str, Any]:
+    py = random.getstate()
+    return {"python": [py[0], list(py[1]), py[2]], "numpy": np.random.get_state()[1].tolist(),
+            "numpy_pos": int(np.random.get_state()[2]), "torch": torch.get_rng_state().tolist()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop (runs on every Ray Train worker)
+# ---------------------------------------------------------------------------------------------
+
+
+def _per_sequence_loss(cfg: RunConfig, token_logp_BT, mask_BT):
+    kind, norm = cfg.objective.kind, cfg.objective.ce_normalisation
+    if kind == "ce":
+        loss_B = objectives.ce_loss(token_logp_BT, mask_BT, norm)
+        return loss_B, torch.ones_like(loss_B, dtype=torch.float64)
+    if kind == "dco":
+        return objectives.dco_loss(token_logp_BT, mask_BT, cfg.objective.budget, norm)
+    if kind == "dco_step":
+        return objectives.dco_step_loss(token_logp_BT, mask_BT, cfg.objective.budget, norm)
+    raise ConfigError(f"objective.kind = {kind!r} is not trained by this loop")
+
+
+def _token_logp(engine, batch):
+    logits_BTV = engine.forward(input_ids=batch["inputs_BT"], attention_mask=batch["attention_BT"]).logits
+    return objectives.token_logprobs(logits_BTV, batch["targets_BT"])
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import torch.distributed as dist
+
+    cfg = RunConfig.model_validate(loop_config["config"])
+    run_dir: str = loop_config["run_dir"]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    is_rank0 = rank == 0
+    torch.set_num_threads(cfg.resources.threads_per_worker)
+    device = ray.train.torch.get_device()
+    say = print if is_rank0 else (lambda *a, **k: None)
+
+    # -- model, data, engine -----------------------------------------------------------------
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed + rank)
+    model, tokenizer = load_model(cfg.model, cfg.seed)
+    task = build_task(cfg, run_dir if is_rank0 else None)
+    limit = max_sequence_length(cfg, model)
+    train_examples = encode_examples(tokenizer, task, task.problems("train"), limit)
+    try:
+        test_problems = task.problems("test")
+    except DataError:
+        test_problems = []
+    test_examples = encode_examples(tokenizer, task, test_problems, limit)
+
+    per_worker = cfg.optim.sequences_per_step // world
+    micro = min(cfg.optim.micro_sequences_per_worker, per_worker)
+    micro_batches = per_worker // micro
+    engine_cls = DeepSpeedEngine if cfg.resources.backend == "deepspeed" else DDPEngine
+    engine = engine_cls(model, cfg, micro_batches, device)
+    stream = CandidateStream(len(train_examples), cfg.optim.epochs, cfg.seed)
+    steps_total = cfg.optim.epochs * len(train_examples) // cfg.optim.sequences_per_step
+    step = 0
+    pad = tokenizer.pad_token_id
+
+    # -- resume ------------------------------------------------------------------------------
+    resumed = ckpt.newest_valid_checkpoint(run_dir, warn=say)
+    if resumed is not None:
+        m = resumed.manifest
+        if m["config_hash"] != config_hash(cfg):
+            raise ConfigError(f"{run_dir} was trained with another configuration (hash {m['config_hash'][:12]}, "
+                              f"now {config_hash(cfg)[:12]}): resume with the same config or use a new --run-dir")
+        local = Path(tempfile.mkdtemp(prefix="passn-resume-"))
+        ckpt.download_tree(resumed.path, local, only=[*engine.state_files(rank), f"rng/rank_{rank}.json",
+                                                      *[f for f in m["files"] if f.startswith("model/")]])
+        engine.load_state(str(local / "state"))
+        set_rng_state(json.loads((local / f"rng/rank_{rank}.json").read_text()))
+        shutil.rmtree(local, ignore_errors=True)
+        step = m["step"]
+        stream.epoch, stream.cursor = m["data_position"]["epoch"], m["data_position"]["cursor"]
+        say(f"resuming from step {step} (epoch {stream.progress:.2f}) in {resumed.path}", flush=True)
+    sink = MetricsSink(run_dir) if is_rank0 else None
+
+    def all_reduce(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=op)
+        return t.tolist()
+
+    # -- checkpoint and evaluation -------------------------------------------------------------
+    def save_checkpoint(epoch_end: bool) -> None:
+        local = Path(tempfile.mkdtemp(prefix="passn-ckpt-"))
+        engine.save_state(str(local / "state"))
+        (local / "rng").mkdir()
+        (local / "rng" / f"rank_{rank}.json").write_text(json.dumps(rng_state()))
+        if cfg.resources.zero_stage == 3 and cfg.resources.backend == "deepspeed":
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+                if is_rank0:
+                    engine.module.save_pretrained(local / "model", safe_serialization=True)
+        elif is_rank0:
+            engine.module.save_pretrained(local / "model", safe_serialization=True)
+        if is_rank0:
+            tokenizer.save_pretrained(local / "model")
+        remote = ckpt.checkpoint_dir(run_dir, step)
+        ckpt.upload_tree(local, remote)
+        files: list[dict[str, Any]] = [None] * world  # type: ignore[list-item]
+        dist.all_gather_object(files, ckpt.digest_tree(local))
+        shutil.rmtree(local, ignore_errors=True)
+        if is_rank0:
+            merged = {k: v for per_rank in files for k, v in per_rank.items()}
+            ckpt.write_manifest(remote, merged, step=step, epoch=stream.progress, epoch_end=epoch_end,
+                                objective=cfg.objective.model_dump(), config_hash=config_hash(cfg),
+                                data_position=stream.state(), world_size=world)
+            ckpt.prune_checkpoints(run_dir, cfg.storage.keep_checkpoints)
+            sink.flush()  # type: ignore[union-attr]
+        dist.barrier()
+
+    def evaluate(epoch: int) -> None:
+        if not test_examples:
+            return
+        engine.module.eval()
+        shard = list(range(rank, len(test_examples), world))
+        logp = evaluation.sequence_logprobs(engine.module, [test_examples[i] for i in shard], pad)
+        prompts = [task.render_prompt(test_problems[i]) for i in shard]
+        max_new = max(len(e.input_ids) - e.completion_start for e in test_examples) + 1
+        greedy = evaluation.greedy_answers(engine.module, tokenizer, prompts, max_new)
+        verdicts = task.check_many([test_problems[i] for i in shard], [g[0] for g in greedy])
+        rows = [{"uid": test_problems[i].uid, "reference_logp": float(lp), "greedy_answer": g[0],
+                 "greedy_confidence": g[1], "greedy_correct": v.correct}
+                for i, lp, g, v in zip(shard, logp, greedy, verdicts)]
+        gathered: list[list[dict[str, Any]]] = [None] * world  # type: ignore[list-item]
+        dist.all_gather_object(gathered, rows)
+        engine.module.train()
+        if not is_rank0:
+            return
+        per_problem = sorted((r for part in gathered for r in part), key=lambda r: r["uid"])
+        report = evaluation.exact_report(np.array([r["reference_logp"] for r in per_problem]),
+                                         [r["greedy_confidence"] for r in per_problem],
+                                         [r["greedy_correct"] for r in per_problem], cfg.evaluation.k_grid)
+        report.update(epoch=epoch, step=step, problems=len(per_problem))
+        import fsspec
+
+        with fsspec.open(f"{run_dir.rstrip('/')}/eval/epoch_{epoch:03d}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in per_problem)
+        with fsspec.open(f"{run_dir.rstrip('/')}/eval/epoch_{epoch:03d}.summary.json", "w") as f:
+            json.dump(report, f, indent=1)
+        passes = " ".join(f"pass@{k} {v:.3f}" for k, v in report["pass_at_k"].items())
+        g = report["greedy"]
+        print(f"epoch {epoch} | {passes} | greedy acc {g['accuracy']:.3f} conf {g['mean_confidence']:.3f} "
+              f"| conf>0.9 {g['fraction_high_confidence']:.3f} (wrong {g['fraction_high_confidence_wrong']:.3f})",
+              flush=True)
+
+    # -- the loop --------------------------------------------------------------------------------
+    fault = os.environ.get(FAULT_ENV)
+    fault_marker = Path(tempfile.gettempdir()) / f"passn-fault-{hashlib.sha256(run_dir.encode()).hexdigest()[:12]}"
+    engine.module.train()
+    needs_weights_first = cfg.objective.kind != "ce" and cfg.objective.refill_threshold > 0
+    last_saved, last_evaluated = step, int(stream.epoch)
+    while not stream.finished:
+        started = time.perf_counter()
+        epoch_before = stream.epoch
+
+        # take candidates and refill to exactly sequences_per_step
+        chosen: list[int] = []
+        dropped = 0
+        while len(chosen) < cfg.optim.sequences_per_step and not stream.finished:
+            need = cfg.optim.sequences_per_step - len(chosen)
+            window = stream.peek(cfg.optim.sequences_per_step)
+            if needs_weights_first:
+                local = window[rank::world]
+                with torch.no_grad():
+                    weights_local = []
+                    for start in range(0, len(local), micro):
+                        batch = {k: v.to(device) for k, v in collate([train_examples[i] for i in local[start:start + micro]], pad).items()}
+                        seq_logp = objectives.sequence_logprob(_token_logp(engine, batch).double(), batch["mask_BT"])
+                        weights_local.append(objectives.dco_weights(seq_logp, cfg.objective.budget))
+                    w_local = torch.cat(weights_local) if weights_local else torch.zeros(0, dtype=torch.float64)
+                gathered: list[list[float]] = [None] * world  # type: ignore[list-item]
+                dist.all_gather_object(gathered, w_local.tolist())
+                weights = [0.0] * len(window)
+                for r in range(world):
+                    weights[r::world] = gathered[r]
+            else:
+                weights = [1.0] * len(window)
+            outcome = refill(weights, cfg.objective.refill_threshold, need)
+            chosen += [window[p] for p in outcome.chosen]
+            dropped += outcome.dropped
+            stream.advance(outcome.consumed)
+        if len(chosen) < cfg.optim.sequences_per_step:
+            say(f"the last epoch leaves {len(chosen)} candidates, fewer than optim.sequences_per_step = "
+                f"{cfg.optim.sequences_per_step}: they are not trained", flush=True)
+            if last_evaluated < cfg.optim.epochs:
+                evaluate(cfg.optim.epochs)
+                last_evaluated = cfg.optim.epochs
+            if last_saved != step:
+                save_checkpoint(epoch_end=True)
+                last_saved = step
+            break
+
+        # forward, backward, step on this worker's share
+        mine = chosen[rank * per_worker : (rank + 1) * per_worker]
+        loss_sum = weight_sum = tokens = 0.0
+        weight_min = math.inf
+        for start in range(0, per_worker, micro):
+            batch = {k: v.to(device) for k, v in collate([train_examples[i] for i in mine[start:start + micro]], pad).items()}
+            loss_B, weight_B = _per_sequence_loss(cfg, _token_logp(engine, batch), batch["mask_BT"])
+            engine.backward_and_step(loss_B.sum() / per_worker)
+            loss_sum += float(loss_B.detach().sum())
+            weight_sum += float(weight_B.sum())
+            weight_min = min(weight_min, float(weight_B.min()))
+            tokens += float(batch["attention_BT"].sum())
+        step += 1
+        if fault and fault == f"{rank}:{step}" and not fault_marker.exists():
+            fault_marker.touch()
+            os._exit(17)  # fault injection: this worker dies mid-run
+        loss_sum, weight_sum, tokens, sequences = all_reduce([loss_sum, weight_sum, tokens, len(mine)])
+        (weight_min,) = all_reduce([weight_min], op=dist.ReduceOp.MIN)
+        elapsed = time.perf_counter() - started
+        row = {"step": step, "epoch": round(stream.progress, 4), "loss": loss_sum / sequences,
+               "weight_mean": weight_sum / sequences, "weight_min": weight_min, "dropped": dropped,
+               "sequences": int(sequences), "tokens_per_s": tokens / elapsed, "lr": engine.lr}
+        assert row["sequences"] == cfg.optim.sequences_per_step
+        if is_rank0:
+            say(f"step {step}/{steps_total} | epoch {row['epoch']:.2f} | loss {row['loss']:.4f} | "
+                f"weight_mean {row['weight_mean']:.3f} | weight_min {row['weight_min']:.3f} | dropped {dropped} | "
+                f"tok/s {row['tokens_per_s']:,.0f} | lr {row['lr']:.2e}", flush=True)
+            sink.log(row)  # type: ignore[union-attr]
+        epoch_end = stream.epoch > epoch_before
+        if epoch_end:
+            evaluate(epoch_before + 1)
+            last_evaluated = epoch_before + 1
+        every = cfg.storage.checkpoint_every_steps
+        if epoch_end or (every and step % every == 0) or stream.finished:
+            save_checkpoint(epoch_end)
+            last_saved = step
+            # Ray's own record of progress: once per checkpoint (a report costs about a second)
+            ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))})
+    if sink is not None:
+        sink.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------------------------
+
+
+def _runtime_env() -> dict[str, Any]:
+    keep = ("PYTHONPATH", "PASSN_MODEL_CACHE", "TORCH_EXTENSIONS_DIR", FAULT_ENV, "AWS_ENDPOINT_URL",
+            "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env.update(RAY_USAGE_STATS_ENABLED="0", VLLM_NO_USAGE_STATS="1", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false",
+               RAY_TRAIN_ENABLE_PRINT_PATCH="0")  # else every rank-0 line is printed twice
+    return {"env_vars": env}
+
+
+def run_training(cfg: RunConfig, run_dir: str, address: str | None = None) -> list[dict[str, Any]]:
+    """Train ``cfg`` into ``run_dir`` on a Ray cluster (local when ``address`` is None); returns the
+    per-step metrics."""
+    import fsspec
+    import ray
+    from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    check_before_training(cfg, run_dir)
+    fs, root = fsspec.core.url_to_fs(run_dir)
+    fs.makedirs(root, exist_ok=True)
+    with fs.open(f"{root}/config.yaml", "w") as f:
+        f.write(to_yaml(cfg))
+    address = address or os.environ.get("RAY_ADDRESS")
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=True, runtime_env=_runtime_env(),
+                 **({} if address else {"num_cpus": max(2, os.cpu_count() or 2)}))
+    try:
+        r = cfg.resources
+        use_gpu = r.gpus_per_worker > 0
+        resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": run_dir},
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=600),
+            scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+            run_config=RayRunConfig(name="train", storage_path=tempfile.mkdtemp(prefix="passn-ray-"),
+                                    failure_config=FailureConfig(max_failures=r.max_failures)),
+        )
+        trainer.fit()
+    finally:
+        if started_here:
+            ray.shutdown()
+    return read_metrics(run_dir)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML configuration (local or s3://)")
+    parser.add_argument("--run-dir", required=True, help="where checkpoints, metrics and evaluations go (local or s3://)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override, e.g. objective.budget=64 (repeatable)")
+    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+
+
+def main_with_args(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config, args.set)
+        run_training(cfg, args.run_dir, args.address)
+    except (ConfigError, DataError, ckpt.CheckpointError, ValueError) as exc:
+        print(f"passn train: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="passn train", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return main_with_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Checkpoints in a run directory (local or s3://), committed by a manifest written last.
+
+Layout of ``RUN_DIR/checkpoints/step_00000120/``:
+
+    model/            Hugging Face folder: config.json, model.safetensors, tokenizer files
+    state/            optimizer, scheduler and ZeRO shards (one file set per rank)
+    rng/rank_N.json   each rank's random-number-generator state
+    manifest.json     step, epoch, objective, config hash, data position, every file's size and
+                      sha256: written last, so a checkpoint without a valid manifest does not exist
+
+:func:`newest_valid_checkpoint` walks checkpoints newest first, verifies each manifest against
+the files, and names every one it has to skip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"step_(\d{8})")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (the message says which and why)."""
+
+
+def file_digest(path: str | Path) -> dict[str, Any]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+            size += len(block)
+    return {"sha256": h.hexdigest(), "bytes": size}
+
+
+def digest_tree(root: str | Path) -> dict[str, dict[str, Any]]:
+    """{relative path: digest} for every file under a local folder."""
+    root = Path(root)
+    return {p.relative_to(root).as_posix(): file_digest(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def checkpoint_dir(run_dir: str, step: int) -> str:
+    return f"{run_dir.rstrip('/')}/checkpoints/step_{step:08d}"
+
+
+def upload_tree(local: str | Path, remote: str) -> None:
+    """Copy a local folder's files to ``remote`` (local path or URL), creating folders as needed."""
+    fs, root = fsspec.core.url_to_fs(remote)
+    local = Path(local)
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            target = f"{root}/{path.relative_to(local).as_posix()}"
+            fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            fs.put_file(str(path), target)
+
+
+def download_tree(remote: str, local: str | Path, only: Iterable[str] | None = None) -> None:
+    """Copy the files under ``remote`` (or just the relative paths in ``only``) into ``local``."""
+    fs, root = fsspec.core.url_to_fs(remote)
+    wanted = list(only) if only is not None else [p[len(root) + 1 :] for p in fs.find(root)]
+    for rel in wanted:
+        _check_relative(rel)
+        target = Path(local) / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(f"{root}/{rel}", str(target))
+
+
+def _check_relative(rel: str) -> None:
+    if rel.startswith("/") or ".." in Path(rel).parts:
+        raise CheckpointError(f"manifest lists an unsafe path {rel!r}")
+
+
+def write_manifest(remote_dir: str, files: dict[str, dict[str, Any]], **fields: Any) -> dict[str, Any]:
+    """Write ``manifest.json`` (the commit marker) after every listed file is in place."""
+    manifest = {"format": FORMAT_VERSION, "created": time.time(), **fields, "files": files}
+    fs, root = fsspec.core.url_to_fs(remote_dir)
+    with fs.open(f"{root}/{MANIFEST}", "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+    return manifest
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    path: str
+    step: int
+    manifest: dict[str, Any]
+
+    @property
+    def model_dir(self) -> str:
+        return f"{self.path}/model"
+
+
+def verify_checkpoint(path: str, hashes: bool = True) -> Checkpoint:
+    """The checkpoint at ``path`` if its manifest verifies; CheckpointError saying why otherwise."""
+    fs, root = fsspec.core.url_to_fs(path)
+    try:
+        with fs.open(f"{root}/{MANIFEST}", "r") as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no {MANIFEST} (the write never finished)") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: {MANIFEST} is not valid JSON ({exc.msg})") from None
+    if manifest.get("format") != FORMAT_VERSION or "files" not in manifest or "step" not in manifest:
+        raise CheckpointError(f"{path}: {MANIFEST} has an unknown format")
+    for rel, digest in manifest["files"].items():
+        _check_relative(rel)
+        full = f"{root}/{rel}"
+        try:
+            size = fs.size(full)
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: {rel} is missing") from None
+        if size != digest["bytes"]:
+            raise CheckpointError(f"{path}: {rel} has {size} bytes, the manifest says {digest['bytes']}")
+        if hashes:
+            h = hashlib.sha256()
+            with fs.open(full, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            if h.hexdigest() != digest["sha256"]:
+                raise CheckpointError(f"{path}: {rel} does not match its sha256 in the manifest")
+    return Checkpoint(path=path.rstrip("/"), step=int(manifest["step"]), manifest=manifest)
+
+
+def list_checkpoints(run_dir: str) -> list[str]:
+    """Checkpoint folders in ``run_dir``, newest (highest step) first."""
+    fs, root = fsspec.core.url_to_fs(f"{run_dir.rstrip('/')}/checkpoints")
+    if not fs.exists(root):
+        return []
+    steps = []
+    for entry in fs.ls(root, detail=False):
+        m = _STEP_DIR.fullmatch(entry.rstrip("/").rsplit("/", 1)[-1])
+        if m:
+            steps.append(int(m.group(1)))
+    return [checkpoint_dir(run_dir, s) for s in sorted(steps, reverse=True)]
+
+
+def newest_valid_checkpoint(run_dir: str, warn=print, hashes: bool = True) -> Checkpoint | None:
+    """The newest checkpoint whose manifest verifies, warning about each newer one skipped.
+
+    Returns None when the run directory has no checkpoint folders at all; raises CheckpointError
+    when it has some but none verifies (never a silent restart from scratch).
+    """
+    candidates = list_checkpoints(run_dir)
+    problems = []
+    for path in candidates:
+        try:
+            return verify_checkpoint(path, hashes=hashes)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            warn(f"warning: skipping checkpoint {exc}")
+    if candidates:
+        raise CheckpointError(f"{run_dir} has checkpoints but none verifies:\n  " + "\n  ".join(problems)
+                              + "\nmove them away (or use a new --run-dir) to start over")
+    return None
+
+
+def prune_checkpoints(run_dir: str, keep: int, protect: Iterable[int] = ()) -> list[str]:
+    """Delete all but the ``keep`` newest committed checkpoints (never an uncommitted newer one's
+    predecessor: call only after a new manifest is written). Returns the deleted paths."""
+    protected = set(protect)
+    deleted = []
+    fs, _ = fsspec.core.url_to_fs(run_dir)
+    committed = [p for p in list_checkpoints(run_dir) if fs.exists(f"{fsspec.core.url_to_fs(p)[1]}/{MANIFEST}")]
+    for path in committed[keep:]:
+        step = int(_STEP_DIR.fullmatch(path.rsplit("/", 1)[-1]).group(1))  # type: ignore[union-attr]
+        if step in protected:
+            continue
+        fs.rm(fsspec.core.url_to_fs(path)[1], recursive=True)
+        deleted.append(path)
+    return deleted

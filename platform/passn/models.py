@@ -1,0 +1,110 @@
+"""Models and tokenizers: the built-in tiny Llama, and Hugging Face folders (local or s3://).
+
+Every model passn trains is an ordinary Hugging Face folder (config.json, safetensors weights,
+tokenizer files), so vLLM, transformers, DeepSpeed and Ray Serve all load it the way they load
+Llama-3-8B. ``trust_remote_code`` stays off and weights load only from safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import string
+from pathlib import Path
+
+import fsspec
+import torch
+
+from passn.config import ModelConfig, TinyModelSpec
+from passn.tasks import SYNTHETIC_ALPHABET
+
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+ALPHABETS = {
+    # docs/TOY.md's 40 ids: <pad> 0, <bos> 1, <eos> 2, '=' 3, digits 4-13, letters 14-39
+    "synthetic": SYNTHETIC_ALPHABET,
+    # enough for MATH-style text: printable ASCII (space included) and newline
+    "ascii": "".join(dict.fromkeys(string.printable.replace("\t", "").replace("\r", "").replace("\x0b", "").replace("\x0c", ""))),
+}
+
+
+def char_tokenizer(alphabet: str):
+    """A character-level Hugging Face tokenizer: one id per character, <bos> prepended, no <unk>.
+
+    Saved with ``save_pretrained`` it loads with ``AutoTokenizer`` like any other tokenizer.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *alphabet])}
+    if len(vocab) != len(SPECIAL_TOKENS) + len(alphabet):
+        raise ValueError("the alphabet repeats a character")
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS_ID)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+def tiny_llama_config(spec: TinyModelSpec, vocab_size: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_heads,
+        head_dim=spec.head_dim, max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=spec.tie_word_embeddings, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+        attention_dropout=0.0, torch_dtype="float32",
+    )
+
+
+def build_tiny_model(spec: TinyModelSpec, seed: int):
+    """A freshly initialised tiny Llama and its char tokenizer; the same seed gives the same weights."""
+    from transformers import LlamaForCausalLM
+
+    tokenizer = char_tokenizer(ALPHABETS[spec.alphabet])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(tiny_llama_config(spec, len(tokenizer)))
+    return model, tokenizer
+
+
+def _model_cache_dir() -> Path:
+    return Path(os.environ.get("PASSN_MODEL_CACHE", Path.home() / ".cache" / "passn" / "models"))
+
+
+def fetch_model_folder(path: str) -> str:
+    """A local folder holding the model at ``path``: the path itself, or for a URL such as
+    ``s3://bucket/llama`` a copy fetched once per node into ``$PASSN_MODEL_CACHE``."""
+    fs, remote = fsspec.core.url_to_fs(path)
+    if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
+        if not Path(remote).is_dir():
+            raise FileNotFoundError(f"model.path {path!r} is not a folder")
+        return remote
+    target = _model_cache_dir() / hashlib.sha256(path.encode()).hexdigest()[:16]
+    done = target / ".complete"
+    if done.exists():
+        return str(target)
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    fs.get(remote.rstrip("/") + "/", str(partial), recursive=True)
+    try:
+        partial.rename(target)  # another process on this node may have won the race: fine
+    except OSError:
+        pass
+    done.touch()
+    return str(target)
+
+
+def load_model(cfg: ModelConfig, seed: int):
+    """(model, tokenizer) from the config: a built-in tiny model or a Hugging Face folder."""
+    if cfg.tiny is not None:
+        return build_tiny_model(cfg.tiny, seed)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = fetch_model_folder(cfg.path)  # type: ignore[arg-type]
+    if not list(Path(folder).glob("*.safetensors")):
+        raise FileNotFoundError(f"model.path {cfg.path!r} has no .safetensors weights (pickled weights are refused)")
+    dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    return model, tokenizer
