@@ -42,9 +42,7 @@ test-unit: $(STAMP)
 	$(VENV)/bin/python -m pytest tests/unit
 
 demo: $(STAMP)
-	@echo "make demo arrives with the training issue (passn train + the CE vs DCO demo): not yet available." >&2
-	@echo "Meanwhile: $(VENV)/bin/passn bench coverage, $(VENV)/bin/passn config configs/tiny.yaml" >&2
-	@exit 2
+	$(VENV)/bin/passn demo --out runs/demo
 
 lock:
 	@test -x $(VENV)/bin/uv || { $(PYTHON) -m venv $(VENV) && $(VENV)/bin/python -m pip install -q uv==$(UV_VERSION); }

@@ -254,6 +254,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def fault_marker(run_dir: str) -> Path:
+    """Where an injected fault records that it fired (so the retried run does not fire it again)."""
+    return Path(tempfile.gettempdir()) / f"passn-fault-{hashlib.sha256(run_dir.encode()).hexdigest()[:12]}"
+
+
 def _per_sequence_loss(cfg: RunConfig, token_logp_BT, mask_BT):
     kind, norm = cfg.objective.kind, cfg.objective.ce_normalisation
     if kind == "ce":
@@ -397,7 +402,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     # -- the loop --------------------------------------------------------------------------------
     fault = os.environ.get(FAULT_ENV)
-    fault_marker = Path(tempfile.gettempdir()) / f"passn-fault-{hashlib.sha256(run_dir.encode()).hexdigest()[:12]}"
+    marker = fault_marker(run_dir)
     engine.module.train()
     needs_weights_first = cfg.objective.kind != "ce" and cfg.objective.refill_threshold > 0
     last_saved, last_evaluated = step, int(stream.epoch)
@@ -455,8 +460,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             weight_min = min(weight_min, float(weight_B.min()))
             tokens += float(batch["attention_BT"].sum())
         step += 1
-        if fault and fault == f"{rank}:{step}" and not fault_marker.exists():
-            fault_marker.touch()
+        if fault and fault == f"{rank}:{step}" and not marker.exists():
+            marker.touch()
             os._exit(17)  # fault injection: this worker dies mid-run
         loss_sum, weight_sum, tokens, sequences = all_reduce([loss_sum, weight_sum, tokens, len(mine)])
         (weight_min,) = all_reduce([weight_min], op=dist.ReduceOp.MIN)
@@ -499,6 +504,12 @@ def _runtime_env() -> dict[str, Any]:
     return {"env_vars": env}
 
 
+def _absolute(path: str | None) -> str | None:
+    if path is None or "://" in path:
+        return path
+    return os.path.abspath(path)
+
+
 def run_training(cfg: RunConfig, run_dir: str, address: str | None = None) -> list[dict[str, Any]]:
     """Train ``cfg`` into ``run_dir`` on a Ray cluster (local when ``address`` is None); returns the
     per-step metrics."""
@@ -507,6 +518,12 @@ def run_training(cfg: RunConfig, run_dir: str, address: str | None = None) -> li
     from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # Ray workers run in their own working directories: relative local paths must be made absolute
+    run_dir = _absolute(run_dir)
+    cfg = cfg.model_copy(update={"task": cfg.task.model_copy(update={
+        "train_path": _absolute(cfg.task.train_path), "test_path": _absolute(cfg.task.test_path)})})
+    if cfg.model.path:
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": _absolute(cfg.model.path)})})
     check_before_training(cfg, run_dir)
     fs, root = fsspec.core.url_to_fs(run_dir)
     fs.makedirs(root, exist_ok=True)

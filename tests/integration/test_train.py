@@ -1,0 +1,128 @@
+"""passn train end to end: real local Ray, Ray Train with 2 workers, DeepSpeed ZeRO-2 on gloo (CPU)."""
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from jobs.train import FAULT_ENV, fault_marker, read_metrics, run_training
+from passn import checkpoint as ckpt
+from passn.config import load_config
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).parents[2]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+# 256 problems, 32 sequences a step over 2 workers (2 micro-batches of 8 each): 8 steps an epoch
+SHORT = ["task.synthetic.num_train=256", "task.synthetic.num_test=64", "optim.epochs=2",
+         "optim.sequences_per_step=32", "optim.micro_sequences_per_worker=8", "storage.checkpoint_every_steps=4"]
+
+
+def short(*overrides):
+    return load_config(TINY, [*SHORT, *overrides])
+
+
+@pytest.fixture(scope="module")
+def ce_run(tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("ce"))
+    return run_dir, run_training(short(), run_dir)
+
+
+def test_ce_run_writes_valid_checkpoints_metrics_and_evaluations(ce_run):
+    run_dir, metrics = ce_run
+    assert [m["step"] for m in metrics] == list(range(1, 17))
+    assert all(m["sequences"] == 32 and m["dropped"] == 0 and m["weight_mean"] == 1.0 for m in metrics)
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    newest = ckpt.newest_valid_checkpoint(run_dir, warn=lambda m: pytest.fail(m))
+    assert newest.step == 16 and newest.manifest["data_position"] == {"epoch": 2, "cursor": 0}
+    files = newest.manifest["files"]
+    assert {"model/model.safetensors", "model/config.json", "model/tokenizer.json", "rng/rank_0.json",
+            "rng/rank_1.json"} <= set(files)
+    # every rank's ZeRO-2 optimizer shard is in the checkpoint
+    assert {f"state/state/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= set(files)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(newest.model_dir, use_safetensors=True)
+    assert AutoTokenizer.from_pretrained(newest.model_dir)("ab=").input_ids == [1, 14, 15, 3]
+    assert model.config.head_dim == 32
+    for epoch in (1, 2):
+        summary = json.loads(Path(run_dir, f"eval/epoch_{epoch:03d}.summary.json").read_text())
+        assert summary["problems"] == 64 and set(summary["pass_at_k"]) == {"1", "4", "16", "64", "256"}
+        rows = Path(run_dir, f"eval/epoch_{epoch:03d}.jsonl").read_text().splitlines()
+        assert len(rows) == 64 and {"greedy_confidence", "greedy_correct"} <= set(json.loads(rows[0]))
+    assert list(Path(run_dir, "tensorboard").glob("events.out.tfevents.*"))
+    # checkpoints every 4 steps, three kept
+    assert [c.rsplit("_", 1)[-1] for c in ckpt.list_checkpoints(run_dir)] == ["00000016", "00000012", "00000008"]
+
+
+def test_dco_with_budget_one_gives_the_ce_losses_exactly(ce_run, tmp_path):
+    _, ce_metrics = ce_run
+    dco = run_training(short("objective.kind=dco", "objective.budget=1"), str(tmp_path))
+    assert [m["loss"] for m in dco] == [m["loss"] for m in ce_metrics]
+
+
+def test_refill_trains_exactly_sequences_per_step_while_dropping(tmp_path):
+    metrics = run_training(short("objective.kind=dco", "objective.budget=256", "objective.refill_threshold=0.3",
+                                 "optim.epochs=4"), str(tmp_path))
+    assert all(m["sequences"] == 32 for m in metrics)
+    assert all(m["weight_min"] >= 0.3 for m in metrics)
+    assert sum(m["dropped"] for m in metrics) > 0
+    # dropping consumes the stream faster than training: fewer steps than 4 epochs x 8
+    assert len(metrics) < 32
+
+
+def test_a_killed_worker_is_retried_from_the_checkpoint_with_identical_losses(ce_run, tmp_path, monkeypatch):
+    _, ce_metrics = ce_run
+    monkeypatch.setenv(FAULT_ENV, "1:6")  # rank 1 dies after step 6; the last checkpoint is step 4
+    run_dir = str(tmp_path / uuid.uuid4().hex)
+    metrics = run_training(short("resources.max_failures=1"), run_dir)
+    assert fault_marker(run_dir).exists()  # the worker really died
+    assert [m["loss"] for m in metrics] == [m["loss"] for m in ce_metrics]  # bitwise
+
+
+def test_interrupted_run_on_s3_resumes_from_its_checkpoint(ce_run, s3_server, tmp_path):
+    _, ce_metrics = ce_run
+    run_dir = f"s3://{s3_server.bucket}/runs/{uuid.uuid4().hex}"
+    env = {**os.environ, **s3_server.env(), FAULT_ENV: "0:6"}
+    cmd = [sys.executable, "-m", "jobs.train", TINY, "--run-dir", run_dir, *sum((["--set", o] for o in SHORT), []),
+           "--set", "resources.max_failures=0"]
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode != 0  # the injected fault ended the run
+    fs = s3_server.filesystem()
+    assert fs.exists(f"{s3_server.bucket}/runs/{run_dir.rsplit('/', 1)[-1]}/checkpoints/step_00000004/manifest.json")
+    env.pop(FAULT_ENV)
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from step 4" in second.stdout + second.stderr
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    os.environ.update(s3_server.env())
+    try:
+        metrics = read_metrics(run_dir)
+        assert [m["loss"] for m in metrics] == [m["loss"] for m in ce_metrics]
+        assert ckpt.newest_valid_checkpoint(run_dir).step == 16
+    finally:
+        for key in s3_server.env():
+            os.environ.pop(key, None)
+
+
+def test_bad_config_or_data_fails_before_any_training(tmp_path):
+    def train(*args):
+        return subprocess.run([sys.executable, "-m", "jobs.train", *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+
+    bad_key = train(TINY, "--run-dir", str(tmp_path / "a"), "--set", "optim.sequences_per_stpe=3")
+    assert bad_key.returncode == 2
+    assert "optim.sequences_per_stpe: unknown field" in bad_key.stderr and "optim.sequences_per_step" in bad_key.stderr
+    data = tmp_path / "math.jsonl"
+    data.write_text('{"problem": "1+1?", "answer": "2"}\n{"problem": "no answer here"}\n')
+    bad_rows = train(TINY, "--run-dir", str(tmp_path / "b"), "--set", "task.kind=math",
+                     "--set", f"task.train_path={data}", "--set", "model.tiny.alphabet=ascii",
+                     "--set", "model.tiny.max_position_embeddings=512")
+    assert bad_rows.returncode == 2
+    assert f"{data}:2: field \"answer\" is missing" in bad_rows.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b" / "checkpoints").exists()

@@ -1,0 +1,71 @@
+"""passn.data: encoding, batches, the candidate stream and batch refill."""
+
+import pytest
+import torch
+
+from passn.config import TinyModelSpec
+from passn.data import CandidateStream, collate, encode_examples, refill
+from passn.models import EOS_ID, PAD_ID, char_tokenizer
+from passn.tasks import SYNTHETIC_ALPHABET, SyntheticTask
+
+
+def test_refill_keeps_in_order_and_stops_at_the_need():
+    # weights:         0     1     2     3     4     5
+    outcome = refill([0.5, 0.001, 0.2, 0.002, 0.9, 0.7], threshold=0.01, need=3)
+    # keeps 0, 2, 4; candidate 5 is not consumed (the next round sees it again); dropped 1 and 3
+    assert outcome.chosen == [0, 2, 4]
+    assert outcome.consumed == 5 and outcome.dropped == 2
+
+
+def test_refill_consumes_everything_when_short():
+    outcome = refill([0.5, 0.0, 0.0], threshold=0.1, need=3)
+    assert outcome.chosen == [0] and outcome.consumed == 3 and outcome.dropped == 2
+    assert refill([1.0, 1.0], threshold=0.0, need=2).consumed == 2
+
+
+def test_stream_positions_cross_epochs():
+    stream = CandidateStream(size=5, epochs=2, seed=3)
+    first, second = stream.order(0).tolist(), stream.order(1).tolist()
+    assert sorted(first) == sorted(second) == [0, 1, 2, 3, 4] and first != second
+    stream.advance(4)
+    assert stream.peek(3) == [first[4], second[0], second[1]]  # runs into the next epoch
+    stream.advance(3)
+    assert stream.state() == {"epoch": 1, "cursor": 2} and stream.progress == pytest.approx(1.4)
+    assert len(stream.peek(10)) == 3  # only the last epoch's rest
+    stream.advance(3)
+    assert stream.finished
+
+
+def test_encoding_and_collate_masks_only_the_completion():
+    task = SyntheticTask(seed=0, num_train=4, num_test=1)
+    tokenizer = char_tokenizer(SYNTHETIC_ALPHABET)
+    [example] = encode_examples(tokenizer, task, task.problems("train")[:1], max_length=64)
+    # <bos> + 6 letters + '=' then 2 digits + <eos>: 11 tokens, completion starting at index 8
+    assert len(example.input_ids) == 11 and example.completion_start == 8
+    assert example.input_ids[-1] == EOS_ID
+    batch = collate([example], PAD_ID)
+    assert batch["inputs_BT"].shape == (1, 10)
+    assert torch.equal(batch["targets_BT"][0], torch.tensor(example.input_ids[1:]))
+    # targets 7, 8, 9 (digit, digit, <eos>) carry the loss: the three answer tokens of TOY.md
+    assert batch["mask_BT"][0].tolist() == [0] * 7 + [1, 1, 1]
+
+
+def test_encoding_errors_name_the_problem():
+    task = SyntheticTask(seed=0, num_train=2, num_test=1)
+    tokenizer = char_tokenizer("abc")  # no '=' and no digits
+    with pytest.raises(ValueError, match="synthetic-0-0: cannot tokenise"):
+        encode_examples(tokenizer, task, task.problems("train"), max_length=64)
+    with pytest.raises(ValueError, match="exceed the model's limit of 5"):
+        encode_examples(char_tokenizer(SYNTHETIC_ALPHABET), task, task.problems("train"), max_length=5)
+
+
+def test_char_tokenizer_round_trips_through_save_and_autotokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = char_tokenizer(SYNTHETIC_ALPHABET)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    ids = loaded("abc=12").input_ids
+    assert ids == [1, 14, 15, 16, 3, 5, 6]  # TOY.md's ids: <bos> 1, a 14, '=' 3, '1' 5
+    assert loaded.decode(ids, skip_special_tokens=True) == "abc=12"
+    assert len(loaded) == 40 and TinyModelSpec().alphabet == "synthetic"
