@@ -1,6 +1,7 @@
 """`passn bench`: performance measured side by side in one run (never in timed tests).
 
     passn bench coverage   pass@k grid (vectorised vs a per-problem loop) and verifier throughput
+    passn bench train      (CUDA) passn's Ray Train + DeepSpeed path vs a plain PyTorch loop
 """
 
 from __future__ import annotations
@@ -185,3 +186,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                           "dozen common answers per problem)")
     cov.add_argument("--out", help="also write the figures as JSON here")
     cov.set_defaults(run=_coverage_command)
+    from jobs import bench_train
+
+    bench_train.add_parser(kinds)

@@ -93,14 +93,21 @@ class DeepSpeedEngine:
         import deepspeed
 
         o = cfg.optim
+        # a torch optimizer (not DeepSpeed's own) avoids building DeepSpeed's CPU Adam op on CPU;
+        # on CUDA the fused kernel is what DeepSpeed's FusedAdam would run
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.learning_rate, betas=o.betas,
-                                      weight_decay=o.weight_decay, eps=1e-8)
+                                      weight_decay=o.weight_decay, eps=1e-8, fused=device.type == "cuda")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(o.warmup_steps))
         bf16 = device.type == "cuda" and cfg.model.dtype != "float32"
+        zero: dict[str, Any] = {"stage": cfg.resources.zero_stage}
+        if cfg.resources.zero_stage >= 2:
+            # large buckets and contiguous gradients: fewer, bigger reduce-scatters
+            zero.update(overlap_comm=device.type == "cuda", contiguous_gradients=True,
+                        reduce_bucket_size=int(5e8), allgather_bucket_size=int(5e8))
         ds_config = {
             "train_micro_batch_size_per_gpu": 1,  # passn forms micro-batches itself
             "gradient_accumulation_steps": micro_batches,
-            "zero_optimization": {"stage": cfg.resources.zero_stage},
+            "zero_optimization": zero,
             "gradient_clipping": o.max_grad_norm,
             "bf16": {"enabled": bf16},
             "steps_per_print": 1 << 30,

@@ -1,0 +1,212 @@
+"""`passn bench train` (one CUDA GPU): passn's training path against a plain PyTorch loop.
+
+Both train the same Llama-shaped model (random weights, ~1B parameters) on the same random
+batches with the same numerics: fp32 master weights, bf16 compute, fused AdamW. passn's path is a
+Ray Train worker running passn's DeepSpeed engine and objective (jobs/train.py); the baseline is a
+single-process loop with ``torch.autocast(bfloat16)``. Printed side by side from one run:
+seconds per step, tokens/s, MFU, the ratio to the baseline, dco against ce, ZeRO-2 and ZeRO-3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Any
+
+import torch
+
+# dense bf16 peak of an H100/H200 SXM by the datasheet; MFU = 6 N tokens/s / peak
+PEAK_BF16_FLOPS = 989.5e12
+
+
+def llama_1b():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+                       num_attention_heads=16, num_key_value_heads=16, head_dim=128, max_position_embeddings=2048,
+                       tie_word_embeddings=False, torch_dtype="float32")
+
+
+def _batches(count: int, sequences: int, length: int, vocab: int, device) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(3, vocab, (sequences, length + 1), generator=g)
+        out.append({"inputs_BT": ids[:, :-1].to(device), "targets_BT": ids[:, 1:].to(device),
+                    "mask_BT": torch.ones(sequences, length, device=device),
+                    "attention_BT": torch.ones(sequences, length, dtype=torch.long, device=device)})
+    return out
+
+
+def _time_steps(step_fn, batches, warmup: int) -> list[float]:
+    times = []
+    for i, batch in enumerate(batches):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step_fn(batch)
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def plain_pytorch(objective: str, steps: int, sequences: int, length: int, warmup: int) -> dict[str, Any]:
+    """The baseline: one process, autocast bf16, fp32 master weights, fused AdamW."""
+    from transformers import LlamaForCausalLM
+
+    from jobs.train import _per_sequence_loss
+    from passn import objectives
+    from passn.config import load_config
+
+    cfg = load_config(None, [f"objective.kind={objective}", "objective.budget=64", "model.path=unused"])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_1b()).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+
+    def step(batch):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(input_ids=batch["inputs_BT"], attention_mask=batch["attention_BT"]).logits
+        token_logp = objectives.token_logprobs(logits, batch["targets_BT"])
+        loss_B, _ = _per_sequence_loss(cfg, token_logp, batch["mask_BT"])
+        (loss_B.sum() / len(loss_B)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    times = _time_steps(step, _batches(steps, sequences, length, 32000, "cuda"), warmup)
+    params = sum(p.numel() for p in model.parameters())
+    del model, optimizer
+    torch.cuda.empty_cache()
+    return _summary("plain PyTorch", objective, None, times, params, sequences * length)
+
+
+def _summary(path: str, objective: str, zero: int | None, times: list[float], params: int, tokens: int) -> dict[str, Any]:
+    s = statistics.median(times)
+    return {"path": path, "objective": objective, "zero_stage": zero, "s_per_step": s,
+            "tokens_per_s": tokens / s, "mfu": 6 * params * tokens / s / PEAK_BF16_FLOPS, "params": params,
+            "steps_timed": len(times)}
+
+
+def _passn_worker(config: dict[str, Any]) -> None:
+    import ray.train
+
+    result = _deepspeed_steps(config, ray.train.torch.get_device(), "passn (Ray Train + DeepSpeed)")
+    with open(config["out"], "w") as f:
+        json.dump(result, f)
+
+
+def raw_deepspeed(objective: str, zero: int, steps: int, sequences: int, length: int, warmup: int,
+                  params: int) -> dict[str, Any]:
+    """The same engine and step in this process, without Ray: separates Ray's cost from DeepSpeed's."""
+    import os
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("nccl", device_id=torch.device("cuda:0"))
+    try:
+        config = {"objective": objective, "zero": zero, "steps": steps, "sequences": sequences, "length": length,
+                  "warmup": warmup, "params": params}
+        return _deepspeed_steps(config, torch.device("cuda:0"), "DeepSpeed alone (no Ray)")
+    finally:
+        dist.destroy_process_group()
+        torch.cuda.empty_cache()
+
+
+def _deepspeed_steps(config: dict[str, Any], device, label: str) -> dict[str, Any]:
+    from transformers import LlamaForCausalLM
+
+    from jobs.train import DeepSpeedEngine, _per_sequence_loss, _token_logp
+    from passn.config import load_config
+
+    cfg = load_config(None, [f"objective.kind={config['objective']}", "objective.budget=64", "model.path=unused",
+                             "model.dtype=bfloat16", f"resources.zero_stage={config['zero']}",
+                             f"optim.sequences_per_step={config['sequences']}",
+                             f"optim.micro_sequences_per_worker={config['sequences']}", "optim.warmup_steps=0",
+                             "optim.learning_rate=1e-5"])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_1b())
+    engine = DeepSpeedEngine(model, cfg, micro_batches=1, device=device)
+    sequences = config["sequences"]
+
+    def step(batch):
+        loss_B, _ = _per_sequence_loss(cfg, _token_logp(engine, batch), batch["mask_BT"])
+        engine.backward_and_step(loss_B.sum() / sequences)
+
+    times = _time_steps(step, _batches(config["steps"], sequences, config["length"], 32000, device), config["warmup"])
+    params = sum(p.numel() for p in engine.module.parameters()) if config["zero"] != 3 else config["params"]
+    result = _summary(label, config["objective"], config["zero"], times, params, sequences * config["length"])
+    del engine, model
+    return result
+
+
+def passn_path(objective: str, zero: int, steps: int, sequences: int, length: int, warmup: int, params: int) -> dict[str, Any]:
+    import tempfile
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    out = tempfile.mktemp(suffix=".json")
+    TorchTrainer(
+        _passn_worker,
+        train_loop_config={"objective": objective, "zero": zero, "steps": steps, "sequences": sequences,
+                           "length": length, "warmup": warmup, "out": out, "params": params},
+        torch_config=TorchConfig(backend="nccl"),
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=True),
+        run_config=RunConfig(storage_path=tempfile.mkdtemp()),
+    ).fit()
+    with open(out) as f:
+        return json.load(f)
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    import ray
+
+    from jobs.train import _runtime_env
+
+    if not torch.cuda.is_available():
+        print("passn bench train needs a CUDA GPU (it compares GPU training paths)")
+        return 2
+    kw = {"steps": args.steps, "sequences": args.sequences, "length": args.length, "warmup": args.warmup}
+    rows = [plain_pytorch("dco", **kw), plain_pytorch("ce", **kw)]
+    params = rows[0]["params"]
+    rows.append(raw_deepspeed("dco", 2, params=params, **kw))
+    ray.init(include_dashboard=False, runtime_env=_runtime_env(), num_gpus=1, num_cpus=os.cpu_count())
+    try:
+        for objective, zero in [("dco", 2), ("ce", 2), ("dco", 3)]:
+            rows.append(passn_path(objective, zero, params=params, **kw))
+    finally:
+        ray.shutdown()
+    base = {r["objective"]: r["s_per_step"] for r in rows if r["path"] == "plain PyTorch"}
+    print(f"\n{torch.cuda.get_device_name()} | {params / 1e9:.2f}B parameters | {args.sequences} x {args.length} tokens a step")
+    print(f"{'path':32} {'objective':9} {'ZeRO':4} {'s/step':>7} {'tokens/s':>9} {'MFU':>6} {'vs plain':>8}")
+    for r in rows:
+        ratio = base[r["objective"]] / r["s_per_step"]
+        print(f"{r['path']:32} {r['objective']:9} {str(r['zero_stage'] or '-'):4} {r['s_per_step']:7.4f} "
+              f"{r['tokens_per_s']:9,.0f} {r['mfu']:6.1%} {ratio:7.2f}x")
+    by = {(r["path"], r["objective"], r["zero_stage"]): r["s_per_step"] for r in rows}
+    dco_vs_ce = by[("passn (Ray Train + DeepSpeed)", "dco", 2)] / by[("passn (Ray Train + DeepSpeed)", "ce", 2)]
+    print(f"passn ZeRO-2 dco/ce step time: {dco_vs_ce:.3f} (target <= 1.02)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"rows": rows, "dco_over_ce": dco_vs_ce, "device": torch.cuda.get_device_name()}, f, indent=1)
+    return 0
+
+
+def add_parser(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser("train", help="GPU: passn's DeepSpeed path vs plain PyTorch (tokens/s, MFU)",
+                         description=__doc__.split("\n\n")[1])
+    p.add_argument("--steps", type=int, default=45)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--sequences", type=int, default=8)
+    p.add_argument("--length", type=int, default=1024)
+    p.add_argument("--out", help="also write the figures as JSON here")
+    p.set_defaults(run=run)
