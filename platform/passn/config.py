@@ -71,7 +71,8 @@ class ModelConfig(_Strict):
         if (self.path is None) == (self.tiny is None):
             raise ValueError(
                 "set exactly one of model.path (a Hugging Face model folder, local or s3://) "
-                "or model.tiny (a built-in tiny architecture, e.g. model.tiny={})"
+                "or model.tiny (a built-in tiny architecture, e.g. model.tiny={}); to switch a config "
+                "that has model.tiny to a folder, also set model.tiny=null"
             )
         return self
 

@@ -126,3 +126,42 @@ def test_bad_config_or_data_fails_before_any_training(tmp_path):
     assert bad_rows.returncode == 2
     assert f"{data}:2: field \"answer\" is missing" in bad_rows.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_ddp_backend_resumes_after_a_killed_worker_with_identical_losses(tmp_path, monkeypatch):
+    plain = run_training(short("resources.backend=ddp", "optim.epochs=1"), str(tmp_path / "plain"))
+    monkeypatch.setenv(FAULT_ENV, "0:6")
+    run_dir = str(tmp_path / uuid.uuid4().hex)
+    retried = run_training(short("resources.backend=ddp", "optim.epochs=1", "resources.max_failures=1"), run_dir)
+    assert fault_marker(run_dir).exists()
+    assert [m["loss"] for m in retried] == [m["loss"] for m in plain]
+    assert ckpt.newest_valid_checkpoint(run_dir).manifest["files"]["state/optimizer.pt"]
+
+
+def test_training_from_a_hugging_face_folder_local_and_on_s3(tmp_path, s3_server, monkeypatch):
+    from passn.config import TinyModelSpec
+    from passn.models import build_tiny_model, fetch_model_folder, load_model
+
+    model, tokenizer = build_tiny_model(TinyModelSpec(), seed=7)
+    folder = tmp_path / "hf-model"
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    metrics = run_training(short("model.tiny=null", "model.path=" + str(folder), "optim.epochs=1"), str(tmp_path / "run"))
+    assert len(metrics) == 8 and metrics[-1]["loss"] < metrics[0]["loss"]
+    # the same folder on S3 is fetched once per node into the model cache
+    import s3fs
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PASSN_MODEL_CACHE", str(tmp_path / "cache"))
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3_server.filesystem()
+    fs.put(str(folder), f"{s3_server.bucket}/models/tiny", recursive=True)
+    url = f"s3://{s3_server.bucket}/models/tiny"
+    local = fetch_model_folder(url)
+    assert local.startswith(str(tmp_path / "cache")) and fetch_model_folder(url) == local
+    loaded, _ = load_model(load_config(TINY, ["model.tiny=null", "model.path=" + url]).model, seed=0)
+    assert all((a == b).all() for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no .safetensors weights"):
+        load_model(load_config(TINY, ["model.tiny=null", "model.path=" + str(folder)]).model, seed=0)
