@@ -112,7 +112,7 @@ def raw_deepspeed(objective: str, zero: int, steps: int, sequences: int, length:
     dist.init_process_group("nccl", device_id=torch.device("cuda:0"))
     try:
         config = {"objective": objective, "zero": zero, "steps": steps, "sequences": sequences, "length": length,
-                  "warmup": warmup, "params": params}
+                  "warmup": warmup, "params": params, "precision": "deepspeed_bf16"}
         return _deepspeed_steps(config, torch.device("cuda:0"), "DeepSpeed alone (no Ray)")
     finally:
         dist.destroy_process_group()
@@ -129,7 +129,7 @@ def _deepspeed_steps(config: dict[str, Any], device, label: str) -> dict[str, An
                              "model.dtype=bfloat16", f"resources.zero_stage={config['zero']}",
                              f"optim.sequences_per_step={config['sequences']}",
                              f"optim.micro_sequences_per_worker={config['sequences']}", "optim.warmup_steps=0",
-                             "optim.learning_rate=1e-5"])
+                             "optim.learning_rate=1e-5", f"resources.mixed_precision={config['precision']}"])
     torch.manual_seed(0)
     model = LlamaForCausalLM(llama_1b())
     engine = DeepSpeedEngine(model, cfg, micro_batches=1, device=device)
@@ -141,12 +141,15 @@ def _deepspeed_steps(config: dict[str, Any], device, label: str) -> dict[str, An
 
     times = _time_steps(step, _batches(config["steps"], sequences, config["length"], 32000, device), config["warmup"])
     params = sum(p.numel() for p in engine.module.parameters()) if config["zero"] != 3 else config["params"]
+    if config["precision"] == "torch_autocast":
+        label += ", autocast"
     result = _summary(label, config["objective"], config["zero"], times, params, sequences * config["length"])
     del engine, model
     return result
 
 
-def passn_path(objective: str, zero: int, steps: int, sequences: int, length: int, warmup: int, params: int) -> dict[str, Any]:
+def passn_path(objective: str, zero: int, steps: int, sequences: int, length: int, warmup: int, params: int,
+               precision: str = "deepspeed_bf16") -> dict[str, Any]:
     import tempfile
 
     from ray.train import RunConfig, ScalingConfig
@@ -156,7 +159,7 @@ def passn_path(objective: str, zero: int, steps: int, sequences: int, length: in
     TorchTrainer(
         _passn_worker,
         train_loop_config={"objective": objective, "zero": zero, "steps": steps, "sequences": sequences,
-                           "length": length, "warmup": warmup, "out": out, "params": params},
+                           "length": length, "warmup": warmup, "out": out, "params": params, "precision": precision},
         torch_config=TorchConfig(backend="nccl"),
         scaling_config=ScalingConfig(num_workers=1, use_gpu=True),
         run_config=RunConfig(storage_path=tempfile.mkdtemp()),
@@ -181,20 +184,24 @@ def run(args: argparse.Namespace) -> int:
     rows.append(raw_deepspeed("dco", 2, params=params, **kw))
     ray.init(include_dashboard=False, runtime_env=_runtime_env(), num_gpus=1, num_cpus=os.cpu_count())
     try:
-        for objective, zero in [("dco", 2), ("ce", 2), ("dco", 3)]:
-            rows.append(passn_path(objective, zero, params=params, **kw))
+        for objective, zero, precision in [("dco", 2, "deepspeed_bf16"), ("ce", 2, "deepspeed_bf16"),
+                                           ("dco", 2, "torch_autocast"), ("ce", 2, "torch_autocast"),
+                                           ("dco", 3, "deepspeed_bf16")]:
+            rows.append(passn_path(objective, zero, params=params, precision=precision, **kw))
     finally:
         ray.shutdown()
     base = {r["objective"]: r["s_per_step"] for r in rows if r["path"] == "plain PyTorch"}
     print(f"\n{torch.cuda.get_device_name()} | {params / 1e9:.2f}B parameters | {args.sequences} x {args.length} tokens a step")
-    print(f"{'path':32} {'objective':9} {'ZeRO':4} {'s/step':>7} {'tokens/s':>9} {'MFU':>6} {'vs plain':>8}")
+    print(f"{'path':42} {'objective':9} {'ZeRO':4} {'s/step':>7} {'tokens/s':>9} {'MFU':>6} {'vs plain':>8}")
     for r in rows:
         ratio = base[r["objective"]] / r["s_per_step"]
-        print(f"{r['path']:32} {r['objective']:9} {str(r['zero_stage'] or '-'):4} {r['s_per_step']:7.4f} "
+        print(f"{r['path']:42} {r['objective']:9} {str(r['zero_stage'] or '-'):4} {r['s_per_step']:7.4f} "
               f"{r['tokens_per_s']:9,.0f} {r['mfu']:6.1%} {ratio:7.2f}x")
     by = {(r["path"], r["objective"], r["zero_stage"]): r["s_per_step"] for r in rows}
     dco_vs_ce = by[("passn (Ray Train + DeepSpeed)", "dco", 2)] / by[("passn (Ray Train + DeepSpeed)", "ce", 2)]
     print(f"passn ZeRO-2 dco/ce step time: {dco_vs_ce:.3f} (target <= 1.02)")
+    auto = ("passn (Ray Train + DeepSpeed), autocast", "dco", 2)
+    print(f"passn ZeRO-2 autocast dco/ce step time: {by[auto] / by[(auto[0], 'ce', 2)]:.3f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"rows": rows, "dco_over_ce": dco_vs_ce, "device": torch.cuda.get_device_name()}, f, indent=1)

@@ -83,8 +83,8 @@ def main_with_args(args: argparse.Namespace) -> int:
     dco_name = next(n for n in results if n != "ce")
     dco_last = results[dco_name][-1]
     print(f"{dco_name} at epoch {dco_last['epoch']}: pass@1 {dco_last['pass_at_k']['1']:.3f}, "
-          f"pass@256 {dco_last['pass_at_k']['256']:.3f}, greedy confidence never above 0.9 for "
-          f"{1 - dco_last['greedy']['fraction_high_confidence']:.1%} of problems")
+          f"pass@256 {dco_last['pass_at_k']['256']:.3f}; greedy confidence above 0.9 on "
+          f"{dco_last['greedy']['fraction_high_confidence']:.1%} of test problems")
     print(f"\nrun directories, checkpoints, metrics and TensorBoard events: {args.out}")
     return 0
 

@@ -98,7 +98,9 @@ class DeepSpeedEngine:
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.learning_rate, betas=o.betas,
                                       weight_decay=o.weight_decay, eps=1e-8, fused=device.type == "cuda")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(o.warmup_steps))
-        bf16 = device.type == "cuda" and cfg.model.dtype != "float32"
+        low_precision = device.type == "cuda" and cfg.model.dtype != "float32"
+        autocast = low_precision and cfg.resources.mixed_precision == "torch_autocast"
+        bf16 = low_precision and not autocast
         zero: dict[str, Any] = {"stage": cfg.resources.zero_stage}
         if cfg.resources.zero_stage >= 2:
             # large buckets and contiguous gradients: fewer, bigger reduce-scatters
@@ -110,6 +112,7 @@ class DeepSpeedEngine:
             "zero_optimization": zero,
             "gradient_clipping": o.max_grad_norm,
             "bf16": {"enabled": bf16},
+            "torch_autocast": {"enabled": autocast, "dtype": "bfloat16"},
             "steps_per_print": 1 << 30,
             "wall_clock_breakdown": False,
         }
