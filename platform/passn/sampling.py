@@ -1,0 +1,75 @@
+"""What samplers return, and how prompts are split among them (pure; the engines live in actors/).
+
+Shape legend: P = prompts, N = samples per prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    """One sampled completion of one prompt.
+
+    ``cumulative_logprob`` is sum_t log p(y_t | x, y_<t) over the generated tokens (the
+    completion's log-confidence); ``num_tokens`` counts them.
+    """
+
+    prompt_index: int
+    sample_index: int
+    text: str
+    token_ids: tuple[int, ...]
+    cumulative_logprob: float
+    num_tokens: int
+    finish_reason: str
+    policy_version: int = 0
+
+    @property
+    def confidence(self) -> float:
+        return math.exp(self.cumulative_logprob)
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """A prompt that was not sampled, with the reason (for example, longer than the model allows)."""
+
+    prompt_index: int
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Work:
+    """A unit of sampling: some prompts, ``samples`` completions each, starting at ``first_sample``
+    (large n is split into chunks; the seed of chunk c is ``seed + c``)."""
+
+    prompt_indices: tuple[int, ...]
+    first_sample: int
+    samples: int
+    chunk: int
+
+
+def plan_work(num_prompts: int, samples_per_prompt: int, max_samples_per_request: int,
+              prompts_per_unit: int) -> list[Work]:
+    """Split P prompts x N samples into units of at most ``prompts_per_unit`` prompts and at most
+    ``max_samples_per_request`` samples each: every (prompt, sample) pair lands in exactly one unit."""
+    if samples_per_prompt < 1 or max_samples_per_request < 1 or prompts_per_unit < 1:
+        raise ValueError("samples_per_prompt, max_samples_per_request and prompts_per_unit must be >= 1")
+    units = []
+    for chunk, first in enumerate(range(0, samples_per_prompt, max_samples_per_request)):
+        samples = min(max_samples_per_request, samples_per_prompt - first)
+        for start in range(0, num_prompts, prompts_per_unit):
+            units.append(Work(tuple(range(start, min(start + prompts_per_unit, num_prompts))), first, samples, chunk))
+    return units
+
+
+def group_by_prompt(completions: Sequence[Completion], num_prompts: int) -> list[list[Completion]]:
+    """Completions per prompt, in sample order."""
+    out: list[list[Completion]] = [[] for _ in range(num_prompts)]
+    for c in completions:
+        out[c.prompt_index].append(c)
+    for group in out:
+        group.sort(key=lambda c: c.sample_index)
+    return out

