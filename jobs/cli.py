@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     train_job.add_arguments(train)
     train.set_defaults(run=train_job.main_with_args)
 
-    from jobs import bench, demo
+    from jobs import bench, demo, evaluate
 
+    evaluate.add_parser(sub)
     demo.add_parser(sub)
     bench.add_parser(sub)
     return parser

@@ -60,7 +60,7 @@ def pass_at_k(
 
     n_flat, c_flat = n_P.reshape(-1), c_P.reshape(-1)
     log_miss = log_tail[:, n_flat] - log_tail[:, n_flat - c_flat]  # [K, P]
-    hit_KP = -np.expm1(log_miss)
+    hit_KP = 0.0 - np.expm1(log_miss)  # not -expm1: that gives -0.0 for problems never solved
     hit_KP[(n_flat - c_flat)[None, :] < k_flat[:, None]] = 1.0
     return hit_KP.T.reshape(n_P.shape + k_K.shape)
 

@@ -1,0 +1,62 @@
+"""PNG plots of evaluation results (matplotlib, Agg backend; imported only when plotting)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_pass_at_k(curves: Mapping[str, Mapping[int, float]], path: str, title: str = "pass@k") -> None:
+    """pass@k against k on a log axis, one line per named curve."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
+    for name, curve in curves.items():
+        ks = sorted(curve)
+        ax.plot(ks, [curve[k] for k in ks], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("k (samples)")
+    ax.set_ylabel("pass@k")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_confidence(summary: Mapping[str, Any], path: str, title: str = "greedy confidence") -> None:
+    """Histogram of greedy confidence split by correctness, and the calibration per bin."""
+    plt = _pyplot()
+    edges: Sequence[float] = summary["bin_edges"]
+    centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+    width = edges[1] - edges[0]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
+    left.bar(centers, summary["count_correct"], width=width * 0.9, label="correct", color="tab:green")
+    left.bar(centers, summary["count_incorrect"], width=width * 0.9, bottom=summary["count_correct"],
+             label="incorrect", color="tab:red")
+    left.set_xlabel("confidence of the greedy answer")
+    left.set_ylabel("problems")
+    left.legend()
+    left.set_title(title)
+    points = [(c, f) for c, f in zip(centers, summary["fraction_correct"]) if f is not None]
+    right.plot([0, 1], [0, 1], ls="--", color="grey", label="calibrated")
+    right.plot([c for c, _ in points], [f for _, f in points], marker="o", label="model")
+    right.set_xlabel("confidence")
+    right.set_ylabel("fraction correct")
+    right.set_xlim(0, 1)
+    right.set_ylim(0, 1)
+    right.legend()
+    right.set_title("calibration")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
