@@ -33,7 +33,7 @@ from passn import checkpoint as ckpt
 from passn import evaluation, objectives
 from passn.config import ConfigError, RunConfig, config_hash, load_config, to_yaml
 from passn.data import CandidateStream, Example, collate, encode_examples, refill
-from passn.models import load_model
+from passn.models import load_model, load_tokenizer
 from passn.tasks import DataError, MathTask, SyntheticTask, Task
 
 FAULT_ENV = "PASSN_FAULT_KILL_RANK_AT_STEP"  # fault injection for tests: "RANK:STEP"
@@ -67,8 +67,7 @@ def check_before_training(cfg: RunConfig, run_dir: str) -> None:
         raise ConfigError("objective.whole_proof needs a task made of proofs (the Coq task); the "
                           f"{cfg.task.kind} task has single-step examples: set objective.whole_proof = false")
     task = build_task(cfg, run_dir)
-    model, tokenizer = load_model(cfg.model, cfg.seed)
-    limit = max_sequence_length(cfg, model)
+    tokenizer, limit = load_tokenizer(cfg.model)  # the driver never loads the weights
     for split in ("train", "test"):
         try:
             problems = task.problems(split)  # type: ignore[arg-type]
@@ -140,12 +139,6 @@ class DeepSpeedEngine:
         if path is None:  # DeepSpeed only warns when nothing was found
             raise ckpt.CheckpointError(f"DeepSpeed found no training state in {local_dir}")
 
-    def state_files(self, rank: int) -> list[str]:
-        """The files under state/ this rank needs to resume (its ZeRO shard and the model states)."""
-        return [f"state/state/mp_rank_00_model_states.pt",
-                f"state/state/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"] if self.engine.zero_optimization() else \
-            ["state/state/mp_rank_00_model_states.pt"]
-
 
 class DDPEngine:
     def __init__(self, model, cfg: RunConfig, micro_batches: int, device: torch.device) -> None:
@@ -195,9 +188,6 @@ class DDPEngine:
         self.scheduler.load_state_dict(state["scheduler"])
         weights = load_file(f"{Path(local_dir).parent}/model/model.safetensors")
         self.module.load_state_dict(weights, strict=False)
-
-    def state_files(self, rank: int) -> list[str]:
-        return ["state/optimizer.pt", "model/model.safetensors"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,8 +320,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             raise ConfigError(f"{run_dir} was trained with another configuration (hash {m['config_hash'][:12]}, "
                               f"now {config_hash(cfg)[:12]}): resume with the same config or use a new --run-dir")
         local = Path(tempfile.mkdtemp(prefix="passn-resume-"))
-        ckpt.download_tree(resumed.path, local, only=[*engine.state_files(rank), f"rng/rank_{rank}.json",
-                                                      *[f for f in m["files"] if f.startswith("model/")]])
+        # this rank's ZeRO shards (stage 2 and 3 name them by rank), the shared state files, the model
+        mine = [f for f in m["files"] if f.startswith(("state/", "model/")) and
+                ("zero_pp_rank_" not in f or f"zero_pp_rank_{rank}_" in f)]
+        ckpt.download_tree(resumed.path, local, only=[*mine, f"rng/rank_{rank}.json"])
         engine.load_state(str(local / "state"))
         set_rng_state(json.loads((local / f"rng/rank_{rank}.json").read_text()))
         shutil.rmtree(local, ignore_errors=True)

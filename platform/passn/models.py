@@ -73,26 +73,49 @@ def _model_cache_dir() -> Path:
     return Path(os.environ.get("PASSN_MODEL_CACHE", Path.home() / ".cache" / "passn" / "models"))
 
 
-def fetch_model_folder(path: str) -> str:
+_METADATA_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja")
+
+
+def fetch_model_folder(path: str, metadata_only: bool = False) -> str:
     """A local folder holding the model at ``path``: the path itself, or for a URL such as
-    ``s3://bucket/llama`` a copy fetched once per node into ``$PASSN_MODEL_CACHE``."""
+    ``s3://bucket/llama`` a copy fetched once per node into ``$PASSN_MODEL_CACHE``.
+
+    ``metadata_only`` fetches just the config and tokenizer files (no weights).
+    """
     fs, remote = fsspec.core.url_to_fs(path)
     if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
         if not Path(remote).is_dir():
             raise FileNotFoundError(f"model.path {path!r} is not a folder")
         return remote
-    target = _model_cache_dir() / hashlib.sha256(path.encode()).hexdigest()[:16]
+    target = _model_cache_dir() / (hashlib.sha256(path.encode()).hexdigest()[:16] + ("-meta" if metadata_only else ""))
     done = target / ".complete"
     if done.exists():
         return str(target)
     partial = target.with_name(target.name + f".partial-{os.getpid()}")
-    fs.get(remote.rstrip("/") + "/", str(partial), recursive=True)
+    if metadata_only:
+        partial.mkdir(parents=True)
+        for entry in fs.ls(remote, detail=False):
+            if entry.endswith(_METADATA_SUFFIXES):
+                fs.get_file(entry, str(partial / entry.rsplit("/", 1)[-1]))
+    else:
+        fs.get(remote.rstrip("/") + "/", str(partial), recursive=True)
     try:
         partial.rename(target)  # another process on this node may have won the race: fine
     except OSError:
         pass
     done.touch()
     return str(target)
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """(tokenizer, maximum sequence length) without loading any weights."""
+    if cfg.tiny is not None:
+        return char_tokenizer(ALPHABETS[cfg.tiny.alphabet]), cfg.tiny.max_position_embeddings
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = fetch_model_folder(cfg.path, metadata_only=True)  # type: ignore[arg-type]
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False), int(config.max_position_embeddings)
 
 
 def load_model(cfg: ModelConfig, seed: int):
