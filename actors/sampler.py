@@ -114,7 +114,7 @@ class SamplerPool:
         while pending:
             refs = {}
             for slot, u in enumerate(sorted(pending)):
-                actor = self.actors[(u + pending[u] + slot) % len(self.actors)]
+                actor = self.actors[(slot + pending[u]) % len(self.actors)]  # a retry moves to the next actor
                 unit = units[u]
                 refs[actor.generate.remote([(i, prompts[i]) for i in unit.prompt_indices], unit, temperature,
                                            max_new_tokens, seed, self.version)] = u

@@ -126,11 +126,10 @@ def run_evaluation(checkpoint: str, cfg: RunConfig, samples: int, out: str, batc
                     new_rows.append({"uid": problem.uid, "skipped": skipped_by[i]})
                     continue
                 texts = [c.text for c in by_prompt[i]] + [greedy_by[i].text]
-                if verifier is not None:
-                    answers = [task.extract(t) for t in texts]
+                answers = [task.extract(t) for t in texts]
+                if verifier is not None:  # math-verify on Ray actors, one cache for the whole run
                     verdicts = verifier.check_many([(a, problem.answer) for a in answers])
                 else:
-                    answers = [task.extract(t) for t in texts]
                     verdicts = task.check_many([problem] * len(texts), texts)
                 ok = [v.correct for v in verdicts]
                 new_rows.append(problem_row(problem.uid, answers[:-1], ok[:-1], k_grid,

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import torch
 
@@ -54,8 +55,14 @@ def build_task(cfg: RunConfig, run_dir: str | None = None) -> Task:
                     rejects_dir=run_dir, mode=t.answer_check)
 
 
-def max_sequence_length(cfg: RunConfig, model) -> int:
-    return cfg.model.tiny.max_position_embeddings if cfg.model.tiny else int(model.config.max_position_embeddings)
+def held_out_problems(task: Task, cfg: RunConfig) -> list:
+    """The test split, or none for a MATH run configured without one (no epoch-end evaluation)."""
+    try:
+        return task.problems("test")
+    except DataError:
+        if cfg.task.kind == "math":
+            return []
+        raise
 
 
 def check_before_training(cfg: RunConfig, run_dir: str) -> None:
@@ -68,13 +75,7 @@ def check_before_training(cfg: RunConfig, run_dir: str) -> None:
                           f"{cfg.task.kind} task has single-step examples: set objective.whole_proof = false")
     task = build_task(cfg, run_dir)
     tokenizer, limit = load_tokenizer(cfg.model)  # the driver never loads the weights
-    for split in ("train", "test"):
-        try:
-            problems = task.problems(split)  # type: ignore[arg-type]
-        except DataError:
-            if split == "test" and cfg.task.kind == "math":
-                continue  # a run without a held-out split skips the epoch-end evaluation
-            raise
+    for problems in (task.problems("train"), held_out_problems(task, cfg)):
         encode_examples(tokenizer, task, problems, limit)
 
 
@@ -203,7 +204,7 @@ class MetricsSink:
 
         self.run_dir = run_dir.rstrip("/")
         self.local = Path(tempfile.mkdtemp(prefix="passn-metrics-"))
-        fs, root = __import__("fsspec").core.url_to_fs(f"{self.run_dir}/metrics.jsonl")
+        fs, root = fsspec.core.url_to_fs(f"{self.run_dir}/metrics.jsonl")
         if fs.exists(root):
             fs.get_file(root, str(self.local / "metrics.jsonl"))
         self.writer = SummaryWriter(str(self.local / "tensorboard"))
@@ -227,8 +228,6 @@ class MetricsSink:
 
 def read_metrics(run_dir: str) -> list[dict[str, Any]]:
     """Per-step metrics of a run; after a resume the re-run steps replace the earlier lines."""
-    import fsspec
-
     rows: dict[int, dict[str, Any]] = {}
     with fsspec.open(f"{run_dir.rstrip('/')}/metrics.jsonl", "r") as f:
         for line in f:
@@ -294,12 +293,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed + rank)
     model, tokenizer = load_model(cfg.model, cfg.seed)
     task = build_task(cfg, run_dir if is_rank0 else None)
-    limit = max_sequence_length(cfg, model)
+    limit = int(model.config.max_position_embeddings)
     train_examples = encode_examples(tokenizer, task, task.problems("train"), limit)
-    try:
-        test_problems = task.problems("test")
-    except DataError:
-        test_problems = []
+    test_problems = held_out_problems(task, cfg)
     test_examples = encode_examples(tokenizer, task, test_problems, limit)
 
     per_worker = cfg.optim.sequences_per_step // world
@@ -390,8 +386,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                                          [r["greedy_confidence"] for r in per_problem],
                                          [r["greedy_correct"] for r in per_problem], cfg.evaluation.k_grid)
         report.update(epoch=epoch, step=step, problems=len(per_problem))
-        import fsspec
-
         with fsspec.open(f"{run_dir.rstrip('/')}/eval/epoch_{epoch:03d}.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in per_problem)
         with fsspec.open(f"{run_dir.rstrip('/')}/eval/epoch_{epoch:03d}.summary.json", "w") as f:
@@ -515,7 +509,6 @@ def _absolute(path: str | None) -> str | None:
 def run_training(cfg: RunConfig, run_dir: str, address: str | None = None) -> list[dict[str, Any]]:
     """Train ``cfg`` into ``run_dir`` on a Ray cluster (local when ``address`` is None); returns the
     per-step metrics."""
-    import fsspec
     import ray
     from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -580,4 +573,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the importable module, not __main__: Ray pickles functions of __main__ by value
+    # together with everything they reach, and fails on objects deep inside some libraries.
+    from jobs.train import main as _main
+
+    sys.exit(_main())

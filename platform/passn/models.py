@@ -83,7 +83,7 @@ def fetch_model_folder(path: str, metadata_only: bool = False) -> str:
     ``metadata_only`` fetches just the config and tokenizer files (no weights).
     """
     fs, remote = fsspec.core.url_to_fs(path)
-    if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
+    if "file" in fs.protocol:  # a str or a tuple of names, depending on the filesystem
         if not Path(remote).is_dir():
             raise FileNotFoundError(f"model.path {path!r} is not a folder")
         return remote

@@ -92,7 +92,7 @@ def test_interrupted_run_on_s3_resumes_from_its_checkpoint(ce_run, s3_server, tm
     first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode != 0  # the injected fault ended the run
     fs = s3_server.filesystem()
-    assert fs.exists(f"{s3_server.bucket}/runs/{run_dir.rsplit('/', 1)[-1]}/checkpoints/step_00000004/manifest.json")
+    assert fs.exists(f"{s3_server.bucket}/runs/{run_dir.rsplit('/', 1)[-1]}/checkpoints/step_00000004/manifest.json"), first.stderr[-3000:]
     env.pop(FAULT_ENV)
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
