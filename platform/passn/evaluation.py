@@ -18,6 +18,7 @@ import torch
 
 from passn import coverage, objectives
 from passn.data import Example, collate
+from passn.generation import sample_tokens
 
 
 @torch.no_grad()
@@ -33,7 +34,6 @@ def sequence_logprobs(model, examples: Sequence[Example], pad_id: int, batch_siz
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
-@torch.no_grad()
 def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
                    batch_size: int = 256) -> list[tuple[str, float]]:
     """(completion text, exact confidence) of the greedy completion of each prompt.
@@ -41,39 +41,11 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
     Greedy decoding (temperature 0) picks the argmax token at each step; its confidence is the
     product of those tokens' probabilities up to and including <eos>.
     """
-    device = next(model.parameters()).device
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    results: list[tuple[str, float]] = []
-    for start in range(0, len(prompts), batch_size):
-        encoded = [tokenizer(p).input_ids for p in prompts[start : start + batch_size]]
-        width = max(len(ids) for ids in encoded)
-        # left padding so that every row's next token sits at the last position
-        ids_BT = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
-        attention_BT = (torch.arange(width, device=device)[None, :] >= (width - torch.tensor([len(i) for i in encoded], device=device))[:, None]).long()
-        logp_B = torch.zeros(len(encoded), dtype=torch.float64, device=device)
-        done_B = torch.zeros(len(encoded), dtype=torch.bool, device=device)
-        chosen: list[torch.Tensor] = []
-        for _ in range(max_new_tokens):
-            position_BT = (attention_BT.cumsum(-1) - 1).clamp(min=0)
-            logits_BV = model(input_ids=ids_BT, attention_mask=attention_BT, position_ids=position_BT).logits[:, -1]
-            token_logp_BV = torch.log_softmax(logits_BV.double(), -1)
-            token_B = token_logp_BV.argmax(-1)
-            finished_B = done_B.clone()  # rows past <eos> append padding that nothing attends to
-            logp_B += torch.where(finished_B, 0.0, token_logp_BV.gather(-1, token_B[:, None])[:, 0])
-            token_B = torch.where(finished_B, pad, token_B)
-            chosen.append(token_B)
-            done_B = finished_B | (token_B == eos)
-            ids_BT = torch.cat([ids_BT, token_B[:, None]], dim=1)
-            attention_BT = torch.cat([attention_BT, (~finished_B).long()[:, None]], dim=1)
-            if bool(done_B.all()):
-                break
-        tokens_BN = torch.stack(chosen, dim=1).tolist()
-        for row, tokens in enumerate(tokens_BN):
-            if eos in tokens:
-                tokens = tokens[: tokens.index(eos)]
-            text = tokenizer.decode([t for t in tokens if t != pad], skip_special_tokens=True)
-            results.append((text, float(np.exp(logp_B[row].item()))))
-    return results
+    encoded = [tokenizer(p).input_ids for p in prompts]
+    rows = sample_tokens(model, encoded, samples=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=0,
+                         eos_ids={tokenizer.eos_token_id}, pad_id=tokenizer.pad_token_id, max_rows=batch_size)
+    return [(tokenizer.decode(row[0].token_ids, skip_special_tokens=True), float(np.exp(row[0].cumulative_logprob)))
+            for row in rows]
 
 
 def exact_report(reference_logp: np.ndarray, greedy_confidence: Sequence[float], greedy_correct: Sequence[bool],

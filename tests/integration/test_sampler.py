@@ -5,7 +5,7 @@ import os
 import pytest
 import ray
 
-from actors.sampler import FAULT_ENV, SamplerPool
+from actors.sampler import FAULT_ENV, HANG_ENV, SamplerPool
 from passn.config import TinyModelSpec
 from passn.evaluation import greedy_answers
 from passn.models import build_tiny_model
@@ -43,9 +43,10 @@ def test_plan_work_covers_every_pair_once():
     assert sorted(pairs) == [(p, s) for p in range(5) for s in range(10)]
 
 
-def test_greedy_confidence_matches_transformers(ray_cluster, models):
+@pytest.mark.parametrize("backend", ["vllm", "transformers"])
+def test_greedy_confidence_matches_transformers(ray_cluster, models, backend):
     folder, model, tokenizer = models[0]
-    pool = SamplerPool(folder, num_actors=1)
+    pool = SamplerPool(folder, num_actors=1, backend=backend)
     try:
         completions, skipped = pool.generate(PROMPTS, 1, temperature=0.0, max_new_tokens=4)
     finally:
@@ -57,9 +58,10 @@ def test_greedy_confidence_matches_transformers(ray_cluster, models):
         assert abs(c.confidence - confidence) < 1e-4
 
 
-def test_sampling_is_deterministic_and_survives_a_killed_actor(ray_cluster, models, tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend", ["vllm", "transformers"])
+def test_sampling_is_deterministic_and_survives_a_killed_actor(ray_cluster, models, tmp_path, monkeypatch, backend):
     folder, _, _ = models[0]
-    pool = SamplerPool(folder, num_actors=2, prompts_per_unit=2, max_samples_per_request=8)
+    pool = SamplerPool(folder, num_actors=2, backend=backend, prompts_per_unit=2, max_samples_per_request=8)
     try:
         first, _ = pool.generate(PROMPTS, 20, temperature=1.0, max_new_tokens=4, seed=3)
         again, _ = pool.generate(PROMPTS, 20, temperature=1.0, max_new_tokens=4, seed=3)
@@ -69,7 +71,7 @@ def test_sampling_is_deterministic_and_survives_a_killed_actor(ray_cluster, mode
     assert [len(g) for g in group_by_prompt(first, len(PROMPTS))] == [20] * len(PROMPTS)
     marker = tmp_path / "died"
     monkeypatch.setenv(FAULT_ENV, str(marker))
-    pool = SamplerPool(folder, num_actors=2, prompts_per_unit=2, max_samples_per_request=8)
+    pool = SamplerPool(folder, num_actors=2, backend=backend, prompts_per_unit=2, max_samples_per_request=8)
     try:
         faulty, _ = pool.generate(PROMPTS, 20, temperature=1.0, max_new_tokens=4, seed=3)
     finally:
@@ -80,8 +82,9 @@ def test_sampling_is_deterministic_and_survives_a_killed_actor(ray_cluster, mode
     assert [c.token_ids for c in faulty] == [c.token_ids for c in first]
 
 
-def test_load_weights_matches_a_fresh_engine(ray_cluster, models):
-    pool = SamplerPool(models[0][0], num_actors=1)
+@pytest.mark.parametrize("backend", ["vllm", "transformers"])
+def test_load_weights_matches_a_fresh_engine(ray_cluster, models, backend):
+    pool = SamplerPool(models[0][0], num_actors=1, backend=backend)
     try:
         before, _ = pool.generate(PROMPTS, 1, temperature=0.0, max_new_tokens=4)
         pool.load_weights(models[1][0], version=1)
@@ -89,7 +92,7 @@ def test_load_weights_matches_a_fresh_engine(ray_cluster, models):
         assert all(c.policy_version == 1 for c in swapped)
     finally:
         pool.shutdown()
-    fresh_pool = SamplerPool(models[1][0], num_actors=1)
+    fresh_pool = SamplerPool(models[1][0], num_actors=1, backend=backend)
     try:
         fresh, _ = fresh_pool.generate(PROMPTS, 1, temperature=0.0, max_new_tokens=4)
     finally:
@@ -109,3 +112,36 @@ def test_overlong_prompts_are_skipped_with_a_reason(ray_cluster, models):
         pool.shutdown()
     assert [s.prompt_index for s in skipped] == [1] and "exceed the model's 64" in skipped[0].reason
     assert sorted({c.prompt_index for c in completions}) == [0, 2]
+
+
+def test_a_hung_actor_is_restarted_and_its_work_rerun(ray_cluster, models, tmp_path, monkeypatch):
+    folder, _, _ = models[0]
+    reference = SamplerPool(folder, num_actors=1, backend="transformers", prompts_per_unit=3)
+    try:
+        want, _ = reference.generate(PROMPTS, 5, temperature=1.0, max_new_tokens=4, seed=7)
+    finally:
+        reference.shutdown()
+    marker = tmp_path / "hung"
+    monkeypatch.setenv(HANG_ENV, str(marker))
+    pool = SamplerPool(folder, num_actors=1, backend="transformers", prompts_per_unit=3, unit_timeout_s=20)
+    try:
+        got, _ = pool.generate(PROMPTS, 5, temperature=1.0, max_new_tokens=4, seed=7)
+    finally:
+        pool.shutdown()
+    assert marker.exists()  # the first unit really hung
+    assert [(c.prompt_index, c.sample_index, c.token_ids) for c in got] == \
+        [(c.prompt_index, c.sample_index, c.token_ids) for c in want]
+
+
+def test_vllm_and_transformers_backends_agree_on_greedy(ray_cluster, models):
+    folder = models[1][0]
+    results = {}
+    for backend in ("vllm", "transformers"):
+        pool = SamplerPool(folder, num_actors=1, backend=backend)
+        try:
+            results[backend], _ = pool.generate(PROMPTS, 1, temperature=0.0, max_new_tokens=6)
+        finally:
+            pool.shutdown()
+    assert [c.token_ids for c in results["vllm"]] == [c.token_ids for c in results["transformers"]]
+    assert [c.cumulative_logprob for c in results["vllm"]] == \
+        pytest.approx([c.cumulative_logprob for c in results["transformers"]], abs=1e-4)
