@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="passn",
         description="Fine-tune language models for pass@N (DCO, DCOstep, DCOa) on Ray.",
-        epilog="Evaluation, sweeps and serving arrive with their issues; see README.md.",
+        epilog="See README.md for each command's use; `passn COMMAND --help` for its flags.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -44,9 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     train_job.add_arguments(train)
     train.set_defaults(run=train_job.main_with_args)
 
-    from jobs import bench, demo, evaluate
+    from jobs import bench, demo, evaluate, serve
 
     evaluate.add_parser(sub)
+    serve.add_parser(sub)
     demo.add_parser(sub)
     bench.add_parser(sub)
     return parser

@@ -1,0 +1,152 @@
+"""`passn serve`: trained checkpoints behind an OpenAI-compatible API (Ray Serve), in the foreground.
+
+    export PASSN_SERVE_TOKEN=...            # or --token-file /run/secrets/passn-token
+    passn serve --checkpoint ce=runs/ce/checkpoints/step_00000468 \\
+                --checkpoint dco=runs/dco/checkpoints/step_00000468 --port 8000
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=token)
+    client.completions.create(model="ce", prompt="...", n=8, logprobs=1, max_tokens=16, seed=0)
+
+Endpoints: ``POST /v1/completions``, ``GET /v1/models`` (both need ``Authorization: Bearer
+TOKEN``) and ``GET /health`` (open; runs a one-token generation on every model). Runs until SIGINT
+or SIGTERM, then deletes the application and stops the Ray cluster it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import PurePosixPath
+
+TOKEN_ENV = "PASSN_SERVE_TOKEN"
+APP_NAME = "passn"
+
+
+def model_id_for(checkpoint: str) -> str:
+    """``runs/ce/checkpoints/step_00000468`` -> ``ce/step_00000468``; any other folder -> its name."""
+    parts = PurePosixPath(checkpoint.rstrip("/").split("://")[-1]).parts
+    if len(parts) >= 3 and parts[-2] == "checkpoints":
+        return f"{parts[-3]}/{parts[-1]}"
+    return parts[-1]
+
+
+def parse_checkpoints(specs: list[str]) -> dict[str, str]:
+    """``[ID=]DIR`` flags -> {model id: folder}; ids must be unique."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        model_id, sep, folder = spec.partition("=")
+        if not sep or "://" in model_id or os.path.exists(spec):
+            model_id, folder = model_id_for(spec), spec
+        if model_id in out:
+            raise ValueError(f"--checkpoint: model id {model_id!r} is given twice; name them: --checkpoint ID=DIR")
+        out[model_id] = folder
+    return out
+
+
+def read_token(args: argparse.Namespace) -> str | None:
+    """The bearer token from --token, $PASSN_SERVE_TOKEN or --token-file (first found)."""
+    if args.token:
+        return args.token
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV]
+    if args.token_file:
+        with open(args.token_file) as f:
+            token = f.read().strip()
+        if not token:
+            raise ValueError(f"--token-file {args.token_file}: the file is empty")
+        return token
+    return None
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve checkpoints through an OpenAI-compatible API (Ray Serve)",
+                       description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p.add_argument("--checkpoint", action="append", required=True, metavar="[ID=]DIR",
+                   help="a passn checkpoint or Hugging Face model folder, local or s3:// (repeatable); the model id "
+                        "defaults to RUN/step_N for checkpoints and the folder name otherwise")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token", help=f"bearer token (visible in the process list: prefer ${TOKEN_ENV} or --token-file)")
+    p.add_argument("--token-file", help="file holding the bearer token (a Kubernetes secret mount, say)")
+    p.add_argument("--no-auth", action="store_true", help="serve without authentication (local experiments only)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--max-n", type=int, default=256, help="largest n per request")
+    p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens per request")
+    p.add_argument("--max-ongoing", type=int, default=32, help="requests a model replica works on at once")
+    p.add_argument("--max-queued", type=int, default=64, help="requests queued per model before 503")
+    p.add_argument("--max-batch", type=int, default=16, help="requests batched into one engine call")
+    p.add_argument("--request-timeout", type=float, default=120.0, help="seconds before a request is answered 504")
+    p.add_argument("--replicas", type=int, default=1, help="replicas per model")
+    p.add_argument("--cpus-per-replica", type=float, default=0.5)
+    p.add_argument("--gpus-per-replica", type=float, default=0.0)
+    p.add_argument("--kv-cache-mb", type=int, default=256, help="vLLM KV cache per replica, MiB")
+    p.add_argument("--dtype", default="auto", help="vLLM dtype (auto, float32, bfloat16)")
+    p.set_defaults(run=main_with_args)
+
+
+def main_with_args(args: argparse.Namespace) -> int:
+    import fsspec
+
+    from jobs.evaluate import resolve_model_dir
+    from jobs.train import _absolute
+    from passn import checkpoint as ckpt
+    from passn.openai_api import Limits, token_digest
+
+    try:
+        token = read_token(args)
+        if token is None and not args.no_auth:
+            raise ValueError(f"no token: pass --token-file FILE, set ${TOKEN_ENV}, or --no-auth for local experiments")
+        models = {}
+        for model_id, folder in parse_checkpoints(args.checkpoint).items():
+            model_dir = resolve_model_dir(_absolute(folder))
+            with fsspec.open(f"{model_dir}/config.json", "r") as f:
+                max_len = int(json.load(f).get("max_position_embeddings", 2048))
+            models[model_id] = {"model_dir": model_dir, "max_model_len": max_len,
+                                "kv_cache_bytes": args.kv_cache_mb << 20, "dtype": args.dtype,
+                                "max_batch_size": args.max_batch}
+        limits = Limits(max_n=args.max_n, max_tokens=args.max_tokens)
+    except (ValueError, OSError, ckpt.CheckpointError) as exc:
+        print(f"passn serve: {exc}", file=sys.stderr)
+        return 2
+    return serve_forever(models, None if token is None else token_digest(token), limits, args)
+
+
+def serve_forever(models: dict, digest: str | None, limits, args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+    from ray.serve.config import HTTPOptions
+
+    from actors.serve import build_app
+    from jobs.train import _runtime_env
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, include_dashboard=False, runtime_env=_runtime_env(), log_to_driver=False)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own SIGTERM handler
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options=HTTPOptions(host=args.host, port=args.port,
+                                             request_timeout_s=args.request_timeout + 30))
+        app = build_app(models, digest, limits, request_timeout_s=args.request_timeout, health_timeout_s=30.0,
+                        max_ongoing=args.max_ongoing, max_queued=args.max_queued, replicas=args.replicas,
+                        cpus=args.cpus_per_replica, gpus=args.gpus_per_replica)
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        ids = ", ".join(sorted(models))
+        print(f"passn serve: {ids} at http://{args.host}:{args.port}/v1 "
+              f"({'bearer token required' if digest else 'NO authentication'}); Ctrl-C or SIGTERM stops", flush=True)
+        while not stop.wait(1.0):
+            pass
+        print("passn serve: stopping", flush=True)
+        serve.delete(APP_NAME)
+        if address is None:
+            serve.shutdown()
+    finally:
+        ray.shutdown()
+    print("passn serve: stopped", flush=True)
+    return 0
