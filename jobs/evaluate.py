@@ -1,6 +1,8 @@
-"""`passn evaluate --checkpoint DIR --out DIR`: pass@k of a checkpoint by sampling and verifying.
+"""`passn evaluate (--checkpoint DIR | --endpoint URL --model ID) --out DIR`: pass@k by sampling and verifying.
 
-For every held-out problem of the configured task: N samples from a vLLM SamplerPool, each
+For every held-out problem of the configured task: N samples, from a SamplerPool on a checkpoint
+(vLLM, or transformers with --backend) or from an OpenAI-compatible server through the official
+``openai`` client (`passn serve`, vLLM's own server, ...), each
 verified (exact for the synthetic task, math-verify in a VerifierPool for MATH), then pass@k over
 the k grid with the unbiased estimator (the paper's chunk estimator beside it), the greedy answer
 with its confidence and correctness, and the most frequent answers. Writes ``problems.jsonl`` (a
@@ -9,13 +11,17 @@ line per problem, appended batch by batch: an interrupted run resumes where it s
 
     passn evaluate --checkpoint runs/ce/checkpoints/step_00000468 --config configs/tiny.yaml \\
         --samples 256 --out runs/ce/eval-sampled
+    passn evaluate --endpoint http://127.0.0.1:8000/v1 --model ce/step_00000468 --config configs/tiny.yaml \\
+        --samples 256 --out runs/ce/eval-served      # token from $PASSN_SERVE_TOKEN or --token-file
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -79,17 +85,37 @@ def summarise(rows: list[dict[str, Any]], k_grid: list[int]) -> dict[str, Any]:
     }
 
 
-def run_evaluation(checkpoint: str, cfg: RunConfig, samples: int, out: str, batch_problems: int = 64,
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """What is evaluated: a checkpoint sampled by a SamplerPool, or a model behind an
+    OpenAI-compatible endpoint."""
+
+    checkpoint: str | None = None
+    endpoint: str | None = None
+    model: str | None = None
+    api_key: str | None = None
+    samplers: int = 1
+    backend: str = "vllm"
+    concurrency: int = 8
+
+    def describe(self) -> dict[str, Any]:
+        return {"checkpoint": self.checkpoint} if self.checkpoint else {"endpoint": self.endpoint, "model": self.model}
+
+
+def run_evaluation(source: Source | str, cfg: RunConfig, samples: int, out: str, batch_problems: int = 64,
                    num_samplers: int = 1, limit: int | None = None) -> dict[str, Any]:
+    """Evaluate ``source`` (a Source, or a checkpoint path) on the configured task's test split."""
     import ray
     from tqdm import tqdm
 
-    from actors.sampler import SamplerPool
     from actors.verifier import VerifierPool
     from jobs.train import _absolute, _runtime_env, build_task
 
+    if isinstance(source, str):
+        source = Source(checkpoint=source, samplers=num_samplers)
+    if source.checkpoint is not None:  # verified before anything starts
+        source = dataclasses.replace(source, checkpoint=resolve_model_dir(_absolute(source.checkpoint)))
     out = _absolute(out)  # type: ignore[assignment]
-    model_dir = resolve_model_dir(checkpoint)
     task = build_task(cfg)
     problems = task.problems("test")[:limit]
     rows = _read_rows(out)
@@ -97,17 +123,17 @@ def run_evaluation(checkpoint: str, cfg: RunConfig, samples: int, out: str, batc
     todo = [p for p in problems if p.uid not in done]
     if done:
         print(f"resuming: {len(done)} of {len(problems)} problems already evaluated in {out}")
-    with fsspec.open(f"{model_dir}/config.json", "r") as f:
-        max_len = int(json.load(f).get("max_position_embeddings", 2048))
     k_grid = [k for k in cfg.evaluation.k_grid if k <= samples] or [1]
-    started_here = not ray.is_initialized()
+    needs_ray = source.checkpoint is not None or isinstance(task, MathTask)
+    started_here = needs_ray and not ray.is_initialized()
     if started_here:
         ray.init(include_dashboard=False, runtime_env=_runtime_env(), log_to_driver=False)
     fs, root = fsspec.core.url_to_fs(out)
     fs.makedirs(root, exist_ok=True)
-    pool = SamplerPool(model_dir, num_actors=num_samplers, max_model_len=max_len, seed=cfg.sampling.seed)
-    verifier = VerifierPool(mode=cfg.task.answer_check) if isinstance(task, MathTask) else None
+    pool = verifier = None
     try:
+        pool = make_sampler(source, cfg)
+        verifier = VerifierPool(mode=cfg.task.answer_check) if isinstance(task, MathTask) else None
         bar = tqdm(total=len(problems), initial=len(done), desc="problems", unit="problem", file=sys.stdout)
         for start in range(0, len(todo), batch_problems):
             batch = todo[start : start + batch_problems]
@@ -140,18 +166,40 @@ def run_evaluation(checkpoint: str, cfg: RunConfig, samples: int, out: str, batc
             bar.update(len(batch))
         bar.close()
     finally:
-        pool.shutdown()
+        if pool is not None:
+            pool.shutdown()
         if verifier is not None:
             verifier.shutdown()
         if started_here:
             ray.shutdown()
     summary = summarise(rows, k_grid)
-    summary.update(checkpoint=checkpoint, model_dir=model_dir, task=task.name, temperature=cfg.sampling.temperature,
-                   finished=time.time())
+    summary.update(**source.describe(), task=task.name, temperature=cfg.sampling.temperature, finished=time.time())
     with fs.open(f"{root}/{SUMMARY_FILE}", "w") as f:
         json.dump(summary, f, indent=1)
     _write_plots(summary, out)
     return summary
+
+
+def make_sampler(source: Source, cfg: RunConfig):
+    """A SamplerPool on the (already resolved) model folder, or an EndpointSampler on the served model."""
+    if source.endpoint is not None:
+        from passn.client import EndpointSampler
+
+        return EndpointSampler(source.endpoint, source.model or "", api_key=source.api_key,
+                               concurrency=source.concurrency)
+    from actors.sampler import SamplerPool
+
+    from passn.models import folder_limits
+
+    model_dir = source.checkpoint or ""
+    max_len, dtype = folder_limits(model_dir)
+    local = model_dir
+    if "://" in model_dir:
+        from passn.models import fetch_model_folder
+
+        local = fetch_model_folder(model_dir)
+    return SamplerPool(local, num_actors=source.samplers, backend=source.backend, max_model_len=max_len,
+                       dtype=dtype, seed=cfg.sampling.seed)
 
 
 def _write_plots(summary: dict[str, Any], out: str) -> None:
@@ -168,25 +216,51 @@ def _write_plots(summary: dict[str, Any], out: str) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="pass@k of a checkpoint by sampling (vLLM) and verifying",
-                       description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a passn checkpoint folder or a Hugging Face model folder")
+    p = sub.add_parser("evaluate", help="pass@k of a checkpoint or a served model, by sampling and verifying",
+                       description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", help="a passn checkpoint folder or a Hugging Face model folder (local or s3://)")
+    what.add_argument("--endpoint", metavar="URL", help="an OpenAI-compatible server, e.g. http://host:8000/v1")
+    p.add_argument("--model", help="with --endpoint: the served model id")
+    p.add_argument("--token-file", help="with --endpoint: file holding the API token (default: $PASSN_SERVE_TOKEN, "
+                                        "then $OPENAI_API_KEY)")
+    p.add_argument("--concurrency", type=int, default=8, help="with --endpoint: requests in flight")
     p.add_argument("--config", help="YAML configuration whose task, sampling and evaluation sections apply")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override (repeatable)")
     p.add_argument("--samples", type=int, default=None, help="samples per problem (default: evaluation.samples_per_problem)")
     p.add_argument("--out", required=True, help="results folder (local or s3://)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first LIMIT test problems")
-    p.add_argument("--samplers", type=int, default=1, help="sampler actors")
+    p.add_argument("--samplers", type=int, default=1, help="with --checkpoint: sampler actors")
+    p.add_argument("--backend", choices=["vllm", "transformers"], default="vllm",
+                   help="with --checkpoint: sampling engine (transformers where vLLM cannot run)")
     p.set_defaults(run=main_with_args)
 
 
+def _api_key(args: argparse.Namespace) -> str | None:
+    if args.token_file:
+        with open(args.token_file) as f:
+            return f.read().strip()
+    return os.environ.get("PASSN_SERVE_TOKEN") or os.environ.get("OPENAI_API_KEY")
+
+
 def main_with_args(args: argparse.Namespace) -> int:
+    import openai
+
     try:
+        if args.endpoint and not args.model:
+            raise ValueError("--endpoint needs --model ID (GET /v1/models lists the ids)")
         cfg = load_config(args.config, args.set)
         samples = args.samples or cfg.evaluation.samples_per_problem
-        summary = run_evaluation(args.checkpoint, cfg, samples, args.out, num_samplers=args.samplers, limit=args.limit)
-    except (ConfigError, DataError, ckpt.CheckpointError, FileNotFoundError) as exc:
+        source = Source(checkpoint=args.checkpoint, endpoint=args.endpoint, model=args.model, samplers=args.samplers,
+                        backend=args.backend, concurrency=args.concurrency,
+                        api_key=_api_key(args) if args.endpoint else None)
+        summary = run_evaluation(source, cfg, samples, args.out, limit=args.limit)
+    except (ConfigError, DataError, ckpt.CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"passn evaluate: {exc}", file=sys.stderr)
+        return 2
+    except (openai.AuthenticationError, openai.NotFoundError, openai.APIConnectionError) as exc:
+        print(f"passn evaluate: {args.endpoint}: {exc}", file=sys.stderr)
         return 2
     passes = " | ".join(f"pass@{k} {v:.3f}" for k, v in summary["pass_at_k"].items())
     print(f"{summary['problems']} problems x {summary['samples_per_problem']} samples: {passes}")

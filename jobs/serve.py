@@ -16,7 +16,6 @@ or SIGTERM, then deletes the application and stops the Ray cluster it started.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -86,16 +85,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cpus-per-replica", type=float, default=0.5)
     p.add_argument("--gpus-per-replica", type=float, default=0.0)
     p.add_argument("--kv-cache-mb", type=int, default=256, help="vLLM KV cache per replica, MiB")
-    p.add_argument("--dtype", default="auto", help="vLLM dtype (auto, float32, bfloat16)")
+    p.add_argument("--dtype", default=None, help="engine dtype (default: the checkpoint's own, from config.json)")
     p.set_defaults(run=main_with_args)
 
 
 def main_with_args(args: argparse.Namespace) -> int:
-    import fsspec
-
     from jobs.evaluate import resolve_model_dir
     from jobs.train import _absolute
     from passn import checkpoint as ckpt
+    from passn.models import folder_limits
     from passn.openai_api import Limits, token_digest
 
     try:
@@ -105,10 +103,9 @@ def main_with_args(args: argparse.Namespace) -> int:
         models = {}
         for model_id, folder in parse_checkpoints(args.checkpoint).items():
             model_dir = resolve_model_dir(_absolute(folder))
-            with fsspec.open(f"{model_dir}/config.json", "r") as f:
-                max_len = int(json.load(f).get("max_position_embeddings", 2048))
+            max_len, dtype = folder_limits(model_dir)
             models[model_id] = {"model_dir": model_dir, "max_model_len": max_len,
-                                "kv_cache_bytes": args.kv_cache_mb << 20, "dtype": args.dtype,
+                                "kv_cache_bytes": args.kv_cache_mb << 20, "dtype": args.dtype or dtype,
                                 "max_batch_size": args.max_batch}
         limits = Limits(max_n=args.max_n, max_tokens=args.max_tokens)
     except (ValueError, OSError, ckpt.CheckpointError) as exc:

@@ -107,6 +107,18 @@ def fetch_model_folder(path: str, metadata_only: bool = False) -> str:
     return str(target)
 
 
+def folder_limits(model_dir: str) -> tuple[int, str]:
+    """(maximum sequence length, weight dtype) from a model folder's config.json (local or s3://),
+    so that engines serve a checkpoint in the dtype it was saved in (vLLM's "auto" means bfloat16
+    on CPU)."""
+    import json
+
+    with fsspec.open(f"{model_dir.rstrip('/')}/config.json", "r") as f:
+        config = json.load(f)
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "auto")
+    return int(config.get("max_position_embeddings", 2048)), dtype if dtype in ("float32", "bfloat16", "float16") else "auto"
+
+
 def load_tokenizer(cfg: ModelConfig):
     """(tokenizer, maximum sequence length) without loading any weights."""
     if cfg.tiny is not None:

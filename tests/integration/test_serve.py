@@ -2,6 +2,7 @@
 the official `openai` client and a flood of raw HTTP requests."""
 
 import asyncio
+import json
 import math
 import os
 import signal
@@ -61,7 +62,7 @@ def server(tmp_path_factory):
     else:
         proc.kill()
         pytest.fail("passn serve did not become healthy:\n" + Path(log.name).read_text()[-3000:])
-    yield {"url": url, "proc": proc, "log": Path(log.name), "models": models}
+    yield {"url": url, "proc": proc, "log": Path(log.name), "models": models, "root": root}
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
 
@@ -92,7 +93,7 @@ def test_greedy_confidence_equals_the_transformers_model(server):
         model, tokenizer = server["models"][seed]
         for ch, (text, confidence) in zip(out.choices, greedy_answers(model, tokenizer, prompts, max_new_tokens=4)):
             assert ch.text == text
-            assert math.exp(sum(ch.logprobs.token_logprobs)) == pytest.approx(confidence, abs=1e-4)
+            assert sum(ch.logprobs.token_logprobs) == pytest.approx(math.log(confidence), abs=1e-4)
 
 
 def test_auth_validation_and_unknown_models(server):
@@ -135,6 +136,29 @@ def test_two_hundred_concurrent_requests_none_lost_then_healthy(server):
     assert httpx.get(server["url"] + "/health", timeout=60).status_code == 200
     out = client(server).completions.create(model="base", prompt="a=", max_tokens=2)
     assert len(out.choices) == 1
+
+
+def test_evaluate_through_the_endpoint_equals_evaluating_the_checkpoint(server, tmp_path):
+    common = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--samples", "16", "--limit", "6"]
+    runs = {}
+    for name, source in (("endpoint", ["--endpoint", server["url"] + "/v1", "--model", "base",
+                                       "--token-file", str(server["root"] / "token")]),
+                         ("checkpoint", ["--checkpoint", str(server["root"] / "m0")])):
+        done = subprocess.run([sys.executable, "-m", "jobs.cli", "evaluate", *source, *common,
+                               "--out", str(tmp_path / name)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = [json.loads(line) for line in (tmp_path / name / "problems.jsonl").read_text().splitlines()]
+    assert len(runs["endpoint"]) == 6
+    for a, b in zip(runs["endpoint"], runs["checkpoint"]):
+        # the same seeds reach the same engine: the same samples, answers and greedy confidence
+        assert (a["uid"], a["samples"], a["correct"], a["top_answers"], a["greedy_answer"]) == \
+            (b["uid"], b["samples"], b["correct"], b["top_answers"], b["greedy_answer"])
+        assert a["greedy_confidence"] == pytest.approx(b["greedy_confidence"], rel=1e-4)
+    wrong_token = subprocess.run([sys.executable, "-m", "jobs.cli", "evaluate", "--endpoint", server["url"] + "/v1",
+                                  "--model", "base", *common, "--out", str(tmp_path / "x")], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=300,
+                                 env={**os.environ, "PASSN_SERVE_TOKEN": "wrong"})
+    assert wrong_token.returncode == 2 and "invalid bearer token" in wrong_token.stderr
 
 
 def test_sigterm_stops_the_server_cleanly(server):

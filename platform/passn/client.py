@@ -1,0 +1,71 @@
+"""Sampling from any OpenAI-compatible completions server (``passn serve``, vLLM's own server, ...)
+through the official ``openai`` client, with the SamplerPool's interface.
+
+    sampler = EndpointSampler("http://head:8000/v1", model="ce/step_00000468", api_key=token)
+    completions, skipped = sampler.generate(prompts, samples_per_prompt=256, temperature=1.0,
+                                            max_new_tokens=16, seed=0)
+
+Large n is split into requests of at most ``max_n`` samples (chunk c seeded ``seed + c``, as the
+pool does); requests run ``concurrency`` at a time; 429/5xx answers and timeouts are retried with
+backoff by the client (honouring Retry-After). A prompt the server refuses as invalid (400, for
+example longer than the model allows) is skipped with the server's message; any other error stops.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from passn.sampling import Completion, Skipped, Work, plan_work
+
+
+class EndpointSampler:
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, max_n: int = 256,
+                 concurrency: int = 8, timeout_s: float = 600.0, max_retries: int = 8) -> None:
+        import openai
+
+        self.client = openai.OpenAI(base_url=base_url.rstrip("/"), api_key=api_key or "EMPTY", timeout=timeout_s,
+                                    max_retries=max_retries)
+        self.model, self.max_n, self.concurrency = model, max_n, concurrency
+        served = [m.id for m in self.client.models.list().data]
+        if model not in served:
+            raise ValueError(f"{base_url}: model {model!r} is not served there (served: {', '.join(served) or 'none'})")
+
+    def generate(self, prompts: Sequence[str], samples_per_prompt: int, temperature: float, max_new_tokens: int,
+                 seed: int = 0) -> tuple[list[Completion], list[Skipped]]:
+        if temperature == 0 and samples_per_prompt != 1:
+            raise ValueError("greedy decoding (temperature 0) gives one completion per prompt")
+        units = plan_work(len(prompts), samples_per_prompt, self.max_n, prompts_per_unit=1)
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            results = list(pool.map(lambda u: self._request(prompts[u.prompt_indices[0]], u, temperature,
+                                                            max_new_tokens, seed), units))
+        completions = [c for done, _ in results for c in done]
+        skipped = {s.prompt_index: s for _, skip in results for s in skip}
+        completions.sort(key=lambda c: (c.prompt_index, c.sample_index))
+        return completions, sorted(skipped.values(), key=lambda s: s.prompt_index)
+
+    def _request(self, prompt: str, unit: Work, temperature: float, max_new_tokens: int,
+                 seed: int) -> tuple[list[Completion], list[Skipped]]:
+        import openai
+
+        index = unit.prompt_indices[0]
+        try:
+            out = self.client.completions.create(
+                model=self.model, prompt=prompt, n=unit.samples, temperature=temperature, max_tokens=max_new_tokens,
+                seed=None if temperature == 0 else seed + unit.chunk, logprobs=1)
+        except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
+            return [], [Skipped(index, f"refused by the server: {exc.message}")]
+        completions = []
+        for j, choice in enumerate(sorted(out.choices, key=lambda c: c.index)):
+            values = choice.logprobs.token_logprobs if choice.logprobs else None
+            completions.append(Completion(
+                prompt_index=index, sample_index=unit.first_sample + j, text=choice.text, token_ids=(),
+                cumulative_logprob=math.fsum(v for v in values if v is not None) if values else math.nan,
+                num_tokens=len(values) if values else 0, finish_reason=str(choice.finish_reason)))
+        if len(completions) != unit.samples:
+            raise RuntimeError(f"the server returned {len(completions)} completions for n={unit.samples}")
+        return completions, []
+
+    def shutdown(self) -> None:
+        self.client.close()
