@@ -2,6 +2,7 @@
 
     passn bench coverage   pass@k grid (vectorised vs a per-problem loop) and verifier throughput
     passn bench train      (CUDA) passn's Ray Train + DeepSpeed path vs a plain PyTorch loop
+    passn bench sample     vLLM vs transformers sampling (CPU); transformers engine vs generate (CUDA)
 """
 
 from __future__ import annotations
@@ -186,6 +187,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                           "dozen common answers per problem)")
     cov.add_argument("--out", help="also write the figures as JSON here")
     cov.set_defaults(run=_coverage_command)
-    from jobs import bench_train
+    from jobs import bench_sample, bench_train
 
     bench_train.add_parser(kinds)
+    bench_sample.add_parser(kinds)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Collection, Sequence
 
+import numpy as np
 import torch
 
 
@@ -80,9 +81,9 @@ def _sample_group(model, prompt_ids, samples, temperature, max_new_tokens, gener
 
     num_rows = logits_RV.shape[0]
     row_of = torch.arange(num_rows, device=device)  # batch position -> original row
-    tokens: list[list[int]] = [[] for _ in range(num_rows)]
+    steps: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, tokens) per step, kept on the device
     logp = torch.zeros(num_rows, dtype=torch.float64, device=device)
-    reason = ["length"] * num_rows
+    stopped = torch.zeros(num_rows, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         logp_RV = torch.log_softmax(logits_RV.double(), dim=-1)
         if temperature == 0:
@@ -91,16 +92,12 @@ def _sample_group(model, prompt_ids, samples, temperature, max_new_tokens, gener
             probs_RV = torch.softmax(logits_RV.float() / temperature, dim=-1)
             token_R = torch.multinomial(probs_RV, 1, generator=generator)[:, 0]
         logp.index_add_(0, row_of, logp_RV.gather(-1, token_R[:, None])[:, 0])
-        for row, token in zip(row_of.tolist(), token_R.tolist()):
-            tokens[row].append(token)
+        steps.append((row_of, token_R))
         stopped_R = torch.isin(token_R, eos_R)
+        stopped[row_of] |= stopped_R
         if step == max_new_tokens - 1:
-            for row in row_of[stopped_R].tolist():
-                reason[row] = "stop"
             break
-        if bool(stopped_R.any()):
-            for row in row_of[stopped_R].tolist():
-                reason[row] = "stop"
+        if bool(stopped_R.any()):  # the one host sync per step: drop finished rows from the batch
             keep_R = (~stopped_R).nonzero()[:, 0]
             if keep_R.numel() == 0:
                 break
@@ -111,6 +108,12 @@ def _sample_group(model, prompt_ids, samples, temperature, max_new_tokens, gener
         position_R = position_R + 1
         logits_RV = model(input_ids=token_R[:, None], attention_mask=attention_RT, position_ids=position_R[:, None],
                           past_key_values=cache, use_cache=True).logits[:, -1]
-    logp_list = logp.tolist()
-    rows = [Sampled(tuple(tokens[r]), logp_list[r], reason[r]) for r in range(num_rows)]
+    # one transfer at the end: tokens grouped by row, in step order (a stable sort keeps the order)
+    all_rows = torch.cat([r for r, _ in steps]).cpu().numpy()
+    all_tokens = torch.cat([t for _, t in steps]).cpu().numpy()
+    order = np.argsort(all_rows, kind="stable")
+    per_row = np.split(all_tokens[order], np.cumsum(np.bincount(all_rows, minlength=num_rows))[:-1])
+    logp_list, stopped_list = logp.tolist(), stopped.tolist()
+    rows = [Sampled(tuple(int(t) for t in per_row[r]), logp_list[r], "stop" if stopped_list[r] else "length")
+            for r in range(num_rows)]
     return [rows[p * samples : (p + 1) * samples] for p in range(len(prompt_ids))]

