@@ -83,7 +83,10 @@ def coverage_weight_from_logp(budget: int | float | torch.Tensor, logp: torch.Te
     """
     _check_budget(budget)
     s = _as_float64(logp)
-    if bool(((s > 0) | torch.isnan(s)).any()):
+    invalid = ((s > 0) | torch.isnan(s)).any()
+    if s.is_cuda:  # checked on the device: a host sync here would stall every training step
+        torch._assert_async(~invalid, "log-confidence must be <= 0")
+    elif bool(invalid):
         raise ValueError("log-confidence must be <= 0")
     n = _as_float64(budget).to(s.device)
     n, s = torch.broadcast_tensors(n, s)
