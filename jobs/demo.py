@@ -1,17 +1,17 @@
-"""`passn demo`: the paper's overconfidence effect on CPU, in a few minutes, on a local Ray cluster.
+"""`passn demo`: the paper's two effects on CPU, in minutes, on a local Ray cluster.
 
-Trains the built-in tiny Llama on the synthetic direct-answer task (docs/TOY.md) twice, with CE
-and with DCO at a large budget N', and prints after each epoch pass@1, pass@16 and pass@256
-computed exactly from the model's confidences (MATH.md section 1) with the greedy-confidence
-summary. Under CE, pass@1 rises while pass@256 falls and greedy answers become confidently wrong;
-DCO keeps pass@256 high.
+A sweep (`passn sweep`) trains the built-in tiny Llama on the synthetic direct-answer task
+(docs/TOY.md's recipe) with CE and with DCO at several training budgets N', evaluating pass@k
+exactly from the model's confidences (MATH.md section 1) every 10 epochs; then the frontier
+report (`passn frontier`). It prints the tables and checks, with numbers, that (1) under CE pass@1
+rises from the first to the last evaluation while pass@256 falls, and (2) the best N' for test
+budget N = 256 exceeds the best N' for N = 1. Exit status 1 if either is not shown.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,71 +31,73 @@ def read_epoch_summaries(run_dir: str) -> list[dict[str, Any]]:
     return out
 
 
-def format_table(name: str, summaries: list[dict[str, Any]]) -> str:
-    lines = [f"{name}", "epoch  pass@1  pass@16  pass@256  greedy-acc  mean-conf  conf>0.9  conf>0.9&wrong"]
-    for s in summaries:
-        p, g = s["pass_at_k"], s["greedy"]
-        lines.append(f"{s['epoch']:>5}  {p['1']:.3f}   {p['16']:.3f}    {p['256']:.3f}     {g['accuracy']:.3f}"
-                     f"       {g['mean_confidence']:.3f}      {g['fraction_high_confidence']:.3f}     "
-                     f"{g['fraction_high_confidence_wrong']:.3f}")
-    return "\n".join(lines)
+DEMO_SETTINGS = [  # docs/TOY.md's recipe, one CPU per trial, evaluated every 10 epochs
+    "resources.num_workers=1", "resources.cpus_per_worker=1", "optim.micro_sequences_per_worker=64",
+    "evaluation.every_epochs=10", "storage.checkpoint_every_epochs=10", "objective.refill_threshold=0.01"]
 
 
-def run_demo(out: str, seed: int, epochs: int, budget: int, config: str = str(DEFAULT_CONFIG),
-             extra: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
-    import ray
+def run_demo(out: str, seed: int, epochs: int, budgets: list[int], config: str = str(DEFAULT_CONFIG),
+             extra: list[str] | None = None) -> dict[str, Any]:
+    """A sweep (CE and DCO at each N' in ``budgets``) into OUT/seedS, then the frontier report into
+    OUT/seedS/report; returns the report and the checks of the paper's two effects."""
+    from jobs.frontier import write_report
+    from jobs.sweep import plan, run_sweep
 
-    from jobs.train import _runtime_env, run_training
-    from passn.config import load_config
+    run_dir = f"{out.rstrip('/')}/seed{seed}"
+    grid = ["objective.kind=ce,dco", "objective.budget=" + ",".join(str(b) for b in budgets)]
+    overrides = [*DEMO_SETTINGS, f"seed={seed}", f"task.seed={seed}", f"optim.epochs={epochs}", *(extra or [])]
+    spec = plan(config, grid, overrides)
+    run_sweep(spec, run_dir, resume=True)  # a rerun finishes (or reuses) the same sweep
+    report = write_report([run_dir], f"{run_dir}/report")
+    return {"run_dir": run_dir, "report": report, "checks": check_effects(report)}
 
-    runs = {
-        "ce": ["objective.kind=ce"],
-        f"dco{budget}": ["objective.kind=dco", f"objective.budget={budget}", "objective.refill_threshold=0.01"],
+
+def check_effects(report: dict[str, Any]) -> dict[str, Any]:
+    """The paper's two effects, from the sweep's table and frontier:
+    (1) under CE, pass@1 rises from the first to the last evaluated epoch while pass@N_max falls;
+    (2) the best training budget for the largest test budget exceeds the best for N = 1."""
+    table = report["table"]
+    ce = [r for r in table if r["objective"] == "ce"]
+    n_max = max(r["k"] for r in table)
+    epochs = sorted({r["epoch"] for r in ce})
+    value = {(r["epoch"], r["k"]): r["pass_at_k"] for r in ce}
+    first, last = epochs[0], epochs[-1]
+    front = {f["N"]: f for f in report["frontier"]}
+    return {
+        "ce_first_epoch": first, "ce_last_epoch": last, "n_max": n_max,
+        "ce_pass1": (value[(first, 1)], value[(last, 1)]), "ce_pass_nmax": (value[(first, n_max)], value[(last, n_max)]),
+        "overconfidence_shown": value[(last, 1)] > value[(first, 1)] and value[(last, n_max)] < value[(first, n_max)],
+        "best_budget_n1": front[1]["train_budget"], "best_budget_nmax": front[n_max]["train_budget"],
+        "frontier_shown": front[n_max]["train_budget"] > front[1]["train_budget"],
     }
-    common = [f"seed={seed}", f"task.seed={seed}", f"optim.epochs={epochs}", *(extra or [])]
-    ray.init(include_dashboard=False, runtime_env=_runtime_env(), num_cpus=max(2, os.cpu_count() or 2))
-    results = {}
-    try:
-        for name, overrides in runs.items():
-            run_dir = f"{out.rstrip('/')}/seed{seed}/{name}"
-            print(f"\n=== training {name} into {run_dir} ===", flush=True)
-            run_training(load_config(config, common + overrides), run_dir)
-            results[name] = read_epoch_summaries(run_dir)
-    finally:
-        ray.shutdown()
-    return results
 
 
 def main_with_args(args: argparse.Namespace) -> int:
-    results = run_demo(args.out, args.seed, args.epochs, args.budget)
+    from passn import sweeps
+
+    budgets = [int(b) for b in args.budgets.split(",")]
+    result = run_demo(args.out, args.seed, args.epochs, budgets)
+    report, c = result["report"], result["checks"]
     print()
-    for name, summaries in results.items():
-        print(format_table(f"{name} (test set, exact from confidences)", summaries))
-        print()
-    ce = results["ce"]
-    peak = max(ce, key=lambda s: s["pass_at_k"]["256"])
-    last = ce[-1]
-    print(f"CE: from epoch {peak['epoch']} (best pass@256) to epoch {last['epoch']}, pass@1 "
-          f"{peak['pass_at_k']['1']:.3f} -> {last['pass_at_k']['1']:.3f} while pass@256 "
-          f"{peak['pass_at_k']['256']:.3f} -> {last['pass_at_k']['256']:.3f}; at the end "
-          f"{last['greedy']['fraction_high_confidence_wrong']:.1%} of test problems get a wrong greedy answer "
-          "with confidence above 0.9")
-    dco_name = next(n for n in results if n != "ce")
-    dco_last = results[dco_name][-1]
-    print(f"{dco_name} at epoch {dco_last['epoch']}: pass@1 {dco_last['pass_at_k']['1']:.3f}, "
-          f"pass@256 {dco_last['pass_at_k']['256']:.3f}; greedy confidence above 0.9 on "
-          f"{dco_last['greedy']['fraction_high_confidence']:.1%} of test problems")
-    print(f"\nrun directories, checkpoints, metrics and TensorBoard events: {args.out}")
-    return 0
+    print(sweeps.markdown_report([dict(r) for r in report["table"]], report["frontier"]))
+    ok = {True: "shown", False: "NOT shown"}
+    print(f"(1) CE from epoch {c['ce_first_epoch']} to {c['ce_last_epoch']}: pass@1 {c['ce_pass1'][0]:.3f} -> "
+          f"{c['ce_pass1'][1]:.3f}, pass@{c['n_max']} {c['ce_pass_nmax'][0]:.3f} -> {c['ce_pass_nmax'][1]:.3f}: "
+          f"pass@1 rises while pass@{c['n_max']} falls: {ok[c['overconfidence_shown']]}")
+    print(f"(2) best training budget N' for test budget N = 1: {c['best_budget_n1']:g}; for N = {c['n_max']}: "
+          f"{c['best_budget_nmax']:g}: the best N' grows with N: {ok[c['frontier_shown']]}")
+    print(f"\nreport (frontier.json, frontier.png, confidence_*.png, report.md): {result['run_dir']}/report")
+    print(f"trials (checkpoints, metrics, TensorBoard events, per-problem evaluations): {result['run_dir']}/trials")
+    return 0 if c["overconfidence_shown"] and c["frontier_shown"] else 1
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    demo = sub.add_parser("demo", help="CE vs DCO on the built-in task: the overconfidence effect on CPU",
+    demo = sub.add_parser("demo", help="a CE/DCO sweep and its frontier: the paper's two effects on CPU",
                           description=__doc__.split("\n\n")[1])
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", default="runs/demo", help="where the two runs go (local or s3://)")
-    demo.add_argument("--epochs", type=int, default=30)
-    demo.add_argument("--budget", type=int, default=256, help="DCO's training budget N'")
+    demo.add_argument("--out", default="runs/demo", help="where the sweep goes (local or s3://)")
+    demo.add_argument("--epochs", type=int, default=40)
+    demo.add_argument("--budgets", default="4,16,64,256", help="DCO's training budgets N' (comma-separated)")
     demo.set_defaults(run=main_with_args)
 
 

@@ -479,11 +479,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 f"tok/s {row['tokens_per_s']:,.0f} | lr {row['lr']:.2e}", flush=True)
             sink.log(row)  # type: ignore[union-attr]
         epoch_end = stream.epoch > epoch_before
-        if epoch_end:
+        last_epoch = epoch_before + 1 >= cfg.optim.epochs
+        if epoch_end and ((epoch_before + 1) % cfg.evaluation.every_epochs == 0 or last_epoch):
             evaluate(epoch_before + 1)
             last_evaluated = epoch_before + 1
         every = cfg.storage.checkpoint_every_steps
-        if epoch_end or (every and step % every == 0) or stream.finished:
+        epoch_checkpoint = epoch_end and ((epoch_before + 1) % cfg.storage.checkpoint_every_epochs == 0 or last_epoch)
+        if epoch_checkpoint or (every and step % every == 0) or stream.finished:
             save_checkpoint(epoch_end)
             last_saved = step
             # Ray's own record of progress: once per checkpoint (a report costs about a second)

@@ -155,6 +155,7 @@ class SamplingConfig(_Strict):
 class EvaluationConfig(_Strict):
     samples_per_problem: PositiveInt = 256
     k_grid: list[PositiveInt] = [1, 4, 16, 64, 256]
+    every_epochs: PositiveInt = 1  # the held-out evaluation after every E-th epoch (and the last)
 
     @model_validator(mode="after")
     def _grid(self) -> EvaluationConfig:
@@ -180,6 +181,7 @@ class StorageConfig(_Strict):
 
     run_dir: str | None = None
     checkpoint_every_steps: Annotated[int, Field(ge=0)] = 0
+    checkpoint_every_epochs: PositiveInt = 1  # and always after the last epoch
     keep_checkpoints: PositiveInt = 3
     s3_endpoint_url: str | None = None
 

@@ -60,3 +60,51 @@ def plot_confidence(summary: Mapping[str, Any], path: str, title: str = "greedy 
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_frontier(curves: Mapping[str, Mapping[int, float]], frontier: Sequence[Mapping[str, Any]], path: str,
+                  title: str = "pass@N per trial and the frontier") -> None:
+    """pass@N against N (log axis) for every trial, with the frontier (best trial per N) over them
+    and each frontier point labelled with its training budget N' (the paper's Figure 2a)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for name, curve in curves.items():
+        ks = sorted(curve)
+        ax.plot(ks, [curve[k] for k in ks], marker=".", lw=1, alpha=0.6, label=name)
+    ns = [f["N"] for f in frontier]
+    ax.plot(ns, [f["pass_at_N"] for f in frontier], color="black", lw=2.2, marker="o", label="frontier")
+    for f in frontier:
+        ax.annotate(f"N'={f['train_budget']:g}", (f["N"], f["pass_at_N"]), textcoords="offset points", xytext=(0, 7),
+                    ha="center", fontsize=7)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("test budget N (samples)")
+    ax.set_ylabel("pass@N")
+    ax.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_confidence_by_epoch(summaries: Sequence[Mapping[str, Any]], path: str, title: str) -> None:
+    """Greedy-confidence histograms (correct / incorrect stacked), one panel per epoch (Figure 1)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(summaries), figsize=(3.2 * len(summaries), 3.2), dpi=120, squeeze=False)
+    for ax, s in zip(axes[0], summaries):
+        g = s["greedy"]
+        edges = g["bin_edges"]
+        centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+        width = (edges[1] - edges[0]) * 0.9
+        ax.bar(centers, g["count_correct"], width=width, color="tab:green", label="correct")
+        ax.bar(centers, g["count_incorrect"], width=width, bottom=g["count_correct"], color="tab:red",
+               label="incorrect")
+        ax.set_title(f"epoch {s['epoch']}", fontsize=9)
+        ax.set_xlabel("greedy confidence")
+    axes[0][0].set_ylabel("problems")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,257 @@
+"""`passn sweep`: a grid of training runs as a Ray Tune experiment, with pass@k after every epoch.
+
+    passn sweep configs/tiny.yaml --run-dir runs/sweep --grid objective.kind=ce,dco \\
+        --grid objective.budget=1,4,16,64,256 --grid seed=0,1
+    passn sweep --resume runs/sweep          # finish an interrupted sweep
+    passn frontier runs/sweep --out runs/sweep/report
+
+Each trial trains with Ray Train inside its Tune trial (`passn train` into RUN_DIR/trials/NAME) and
+evaluates after every epoch (exact coverage for direct-answer tasks); its per epoch x k results go
+to RUN_DIR/trials/NAME/results.jsonl when it finishes. Trials run as many at a time as the
+cluster's CPUs and GPUs allow. A failed trial is retried (--max-failures) and resumes from its
+newest checkpoint; --resume skips finished trials and resumes unfinished ones the same way.
+CE ignores N', so CE trials that differ only in objective.budget are run once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+import fsspec
+
+from passn import sweeps
+from passn.config import ConfigError, config_hash, load_config
+
+
+def plan(config: str | None, grid_specs: list[str], overrides: list[str]) -> dict[str, Any]:
+    """The sweep's spec: base config (as YAML text, so that the sweep does not depend on the file
+    later), fixed overrides, and the trials, each validated now (an error names the trial)."""
+    grid = sweeps.parse_grid(grid_specs)
+    text = None
+    if config:
+        with fsspec.open(config, "r") as f:
+            text = f.read()
+    trials, seen = [], {}
+    for combo in sweeps.expand(grid):
+        if combo.get("objective.kind") == "ce" and "objective.budget" in combo:
+            combo = {**combo, "objective.budget": "1"}  # N' does not change CE
+        name = sweeps.trial_name(combo)
+        sets = [*overrides, *(f"{k}={v}" for k, v in combo.items())]
+        try:
+            cfg = load_config(config, sets)
+        except ConfigError as exc:
+            raise ConfigError(f"trial {name}: {exc}") from None
+        if cfg.task.variant != "direct":
+            raise ConfigError(f"trial {name}: passn sweep evaluates with exact coverage, which needs a direct-answer "
+                              f"task (task.variant = {cfg.task.variant!r}); sampled evaluation in sweeps is not built yet")
+        if cfg.objective.kind == "ce":  # N' does not change CE: one run stands for all budgets
+            cfg = cfg.model_copy(update={"objective": cfg.objective.model_copy(update={"budget": 1})})
+        digest = config_hash(cfg)
+        if digest in seen:
+            print(f"sweep: {name} trains the same configuration as {seen[digest]}: run once", flush=True)
+            continue
+        seen[digest] = name
+        trials.append({"name": name, "overrides": sets})
+    return {"config_text": text, "config": config, "grid": grid, "overrides": overrides, "trials": trials}
+
+
+def _read_json(path: str) -> Any:
+    with fsspec.open(path, "r") as f:
+        return json.load(f)
+
+
+def _exists(path: str) -> bool:
+    fs, p = fsspec.core.url_to_fs(path)
+    return fs.exists(p)
+
+
+def trial_config(spec: dict[str, Any], trial: dict[str, Any]):
+    if spec["config_text"] is None:
+        return load_config(None, trial["overrides"])
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(spec["config_text"])
+    try:
+        return load_config(f.name, trial["overrides"])
+    finally:
+        os.unlink(f.name)
+
+
+def run_trial(spec: dict[str, Any], trial: dict[str, Any], run_dir: str) -> list[dict[str, Any]]:
+    """Train one trial (resuming from its checkpoints if any) and write its results file."""
+    from jobs.demo import read_epoch_summaries
+    from jobs.train import run_training
+
+    cfg = trial_config(spec, trial)
+    trial_dir = f"{run_dir}/trials/{trial['name']}"
+    run_training(cfg, trial_dir)
+    rows = sweeps.result_rows(trial["name"], cfg.objective.kind, cfg.objective.budget, cfg.seed,
+                              read_epoch_summaries(trial_dir))
+    with fsspec.open(f"{trial_dir}/{sweeps.RESULTS_FILE}", "w") as f:  # written last: the trial's done marker
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return rows
+
+
+def _tune_trial(config: dict[str, Any]) -> None:
+    from ray import tune
+
+    rows = run_trial(config["spec"], config["trial"], config["run_dir"])
+    last = sweeps.last_epoch_rows(rows)
+    tune.report({f"pass_at_{r['k']}": r["pass_at_k"] for r in last} | {"epochs": max(r["epoch"] for r in rows)})
+
+
+class _Progress:
+    """Trials done / running / failed / pending with an ETA, one line per change."""
+
+    def __init__(self, total: int, skipped: int, concurrency: int) -> None:
+        self.total, self.done, self.failed, self.running = total, skipped, 0, 0
+        self.concurrency, self.durations, self.started = concurrency, [], {}
+
+    def line(self) -> str:
+        pending = self.total - self.done - self.failed - self.running
+        eta = ""
+        if self.durations:
+            mean = sum(self.durations) / len(self.durations)
+            eta = f" | ETA {_fmt(mean * math.ceil((pending + self.running) / self.concurrency))}"
+        return (f"sweep: {self.done}/{self.total} done, {self.running} running, {pending} pending"
+                f"{f', {self.failed} failed' if self.failed else ''}{eta}")
+
+    def callback(self):
+        from ray.tune import Callback
+
+        progress = self
+
+        class Reporter(Callback):
+            def on_trial_start(self, iteration, trials, trial, **info):
+                progress.running += 1
+                progress.started[trial.trial_id] = time.time()
+                print(progress.line(), flush=True)
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                progress.running -= 1
+                progress.done += 1
+                progress.durations.append(time.time() - progress.started.get(trial.trial_id, time.time()))
+                print(f"sweep: trial {trial.config['trial']['name']} finished", flush=True)
+                print(progress.line(), flush=True)
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                progress.running -= 1
+                progress.failed += 1
+                print(f"sweep: trial {trial.config['trial']['name']} FAILED (retries exhausted)", flush=True)
+                print(progress.line(), flush=True)
+
+        return Reporter()
+
+
+def _fmt(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s"
+
+
+def run_sweep(spec: dict[str, Any], run_dir: str, max_failures: int = 2, address: str | None = None,
+              resume: bool = False) -> dict[str, Any]:
+    """Run the trials of ``spec`` not yet finished in ``run_dir``; returns {trial: rows}."""
+    import ray
+    from ray import tune
+
+    from jobs.train import _absolute, _runtime_env
+
+    run_dir = str(_absolute(run_dir)).rstrip("/")
+    spec_path = f"{run_dir}/{sweeps.SWEEP_FILE}"
+    if _exists(spec_path):
+        stored = _read_json(spec_path)
+        if not resume and stored["trials"] != spec["trials"]:
+            raise sweeps.SweepError(f"{run_dir} holds a different sweep: resume it with passn sweep --resume {run_dir}"
+                                    " or choose another --run-dir")
+        spec = stored
+    else:
+        fs, root = fsspec.core.url_to_fs(run_dir)
+        fs.makedirs(root, exist_ok=True)
+        with fsspec.open(spec_path, "w") as f:
+            json.dump(spec, f, indent=1)
+    finished = {t["name"] for t in spec["trials"]
+                if _exists(f"{run_dir}/trials/{t['name']}/{sweeps.RESULTS_FILE}")}
+    todo = [t for t in spec["trials"] if t["name"] not in finished]
+    print(f"sweep: {len(spec['trials'])} trials in {run_dir}; {len(finished)} already finished"
+          f"{' (skipped)' if finished else ''}, {len(todo)} to run", flush=True)
+    if todo:
+        first = trial_config(spec, todo[0]).resources
+        started_here = not ray.is_initialized()
+        if started_here:
+            address = address or os.environ.get("RAY_ADDRESS")
+            ray.init(address=address, include_dashboard=False, runtime_env=_runtime_env(), log_to_driver=False,
+                     **({} if address else {"num_cpus": max(2, os.cpu_count() or 2)}))
+        try:
+            total = ray.cluster_resources()
+            per_cpu = first.num_workers * first.cpus_per_worker
+            per_gpu = first.num_workers * first.gpus_per_worker
+            concurrency = max(1, min(int(total.get("CPU", 1) // per_cpu),
+                                     int(total.get("GPU", 0) // per_gpu) if per_gpu else len(todo), len(todo)))
+            progress = _Progress(len(spec["trials"]), len(finished), concurrency)
+            print(f"sweep: {concurrency} trial(s) at a time ({per_cpu:g} CPU{f', {per_gpu:g} GPU' if per_gpu else ''}"
+                  f" each; the cluster has {total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU)", flush=True)
+            tuner = tune.Tuner(
+                # the trial only drives its Ray Train run, which asks for the CPUs and GPUs itself
+                tune.with_resources(_tune_trial, {"cpu": 0, "memory": 1 << 20}),
+                param_space={"spec": spec, "run_dir": run_dir, "trial": tune.grid_search(todo)},
+                tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=False),
+                run_config=tune.RunConfig(name="sweep", storage_path=tempfile.mkdtemp(prefix="passn-tune-"),
+                                          failure_config=tune.FailureConfig(max_failures=max_failures),
+                                          callbacks=[progress.callback()], verbose=0),
+            )
+            grid = tuner.fit()
+            errors = [r.error for r in grid if r.error]
+        finally:
+            if started_here:
+                ray.shutdown()
+        if errors:
+            raise RuntimeError(f"{len(errors)} trial(s) failed after {max_failures} retries; the first: {errors[0]}")
+    out = {}
+    for t in spec["trials"]:
+        with fsspec.open(f"{run_dir}/trials/{t['name']}/{sweeps.RESULTS_FILE}", "r") as f:
+            out[t["name"]] = [json.loads(line) for line in f if line.strip()]
+    return out
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="a grid of training runs (Ray Tune), pass@k after every epoch",
+                       description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", help="YAML configuration (local or s3://); omit with --resume")
+    p.add_argument("--run-dir", help="where the sweep goes (local or s3://)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="a grid axis over a dotted config path (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fixed override (repeatable)")
+    p.add_argument("--resume", metavar="DIR", help="finish the sweep in DIR (finished trials are skipped)")
+    p.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial (from its checkpoint)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    p.set_defaults(run=main_with_args)
+
+
+def main_with_args(args: argparse.Namespace) -> int:
+    try:
+        if args.resume:
+            run_dir = args.resume
+            spec = _read_json(f"{run_dir.rstrip('/')}/{sweeps.SWEEP_FILE}")
+        else:
+            if not args.run_dir or not args.grid:
+                raise sweeps.SweepError("give --run-dir and at least one --grid (or --resume DIR)")
+            run_dir = args.run_dir
+            spec = plan(args.config, args.grid, args.set)
+        results = run_sweep(spec, run_dir, args.max_failures, args.address, resume=bool(args.resume))
+    except (ConfigError, sweeps.SweepError, FileNotFoundError) as exc:
+        print(f"passn sweep: {exc}", file=sys.stderr)
+        return 2
+    front = sweeps.frontier([r for rows in results.values() for r in rows])
+    print("frontier (each trial's last epoch):")
+    for f in front:
+        print(f"  N = {f['N']:>5}: pass@N {f['pass_at_N']:.3f} with {f['objective']} N' = {f['train_budget']:g}"
+              f" ({f['trial']})")
+    print(f"results: {run_dir.rstrip('/')}/trials/*/{sweeps.RESULTS_FILE}; report: passn frontier {run_dir} --out DIR")
+    return 0
