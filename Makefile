@@ -1,5 +1,5 @@
 # passn: the two commands. Each creates or updates .venv from the pinned lock first.
-#   make demo   train tiny models on the built-in task on a local Ray cluster (no GPU, no downloads)
+#   make demo   a CE/DCO sweep and its pass@N frontier on the built-in task, local Ray (no GPU, no downloads)
 #   make test   the whole test suite (what CI runs)
 SHELL := /bin/bash
 PYTHON ?= python3.11
