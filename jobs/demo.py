@@ -73,13 +73,19 @@ def check_effects(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def main_with_args(args: argparse.Namespace) -> int:
-    from passn import sweeps
+    from passn import plots, sweeps
 
     budgets = [int(b) for b in args.budgets.split(",")]
     result = run_demo(args.out, args.seed, args.epochs, budgets)
     report, c = result["report"], result["checks"]
     print()
     print(sweeps.markdown_report([dict(r) for r in report["table"]], report["frontier"]))
+    curves: dict[str, dict[int, float]] = {}
+    for r in sweeps.last_epoch_rows(report["table"]):
+        curves.setdefault(r["trial"], {})[r["k"]] = r["pass_at_k"]
+    print("pass@N at the last epoch (frontier.png draws the same):\n")
+    print(plots.text_frontier(curves, report["frontier"], rows=20))
+    print()
     ok = {True: "shown", False: "NOT shown"}
     print(f"(1) CE from epoch {c['ce_first_epoch']} to {c['ce_last_epoch']}: pass@1 {c['ce_pass1'][0]:.3f} -> "
           f"{c['ce_pass1'][1]:.3f}, pass@{c['n_max']} {c['ce_pass_nmax'][0]:.3f} -> {c['ce_pass_nmax'][1]:.3f}: "

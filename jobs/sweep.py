@@ -6,7 +6,9 @@
     passn frontier runs/sweep --out runs/sweep/report
 
 Each trial trains with Ray Train inside its Tune trial (`passn train` into RUN_DIR/trials/NAME) and
-evaluates after every epoch (exact coverage for direct-answer tasks); its per epoch x k results go
+evaluates after every epoch (evaluation.every_epochs): exact coverage for direct-answer tasks,
+evaluation.samples_per_problem sampled completions checked by the task's verifier otherwise; its
+per epoch x k results go
 to RUN_DIR/trials/NAME/results.jsonl when it finishes. Trials run as many at a time as the
 cluster's CPUs and GPUs allow. A failed trial is retried (--max-failures) and resumes from its
 newest checkpoint; --resume skips finished trials and resumes unfinished ones the same way.
@@ -48,9 +50,6 @@ def plan(config: str | None, grid_specs: list[str], overrides: list[str]) -> dic
             cfg = load_config(config, sets)
         except ConfigError as exc:
             raise ConfigError(f"trial {name}: {exc}") from None
-        if cfg.task.variant != "direct":
-            raise ConfigError(f"trial {name}: passn sweep evaluates with exact coverage, which needs a direct-answer "
-                              f"task (task.variant = {cfg.task.variant!r}); sampled evaluation in sweeps is not built yet")
         if cfg.objective.kind == "ce":  # N' does not change CE: one run stands for all budgets
             cfg = cfg.model_copy(update={"objective": cfg.objective.model_copy(update={"budget": 1})})
         digest = config_hash(cfg)

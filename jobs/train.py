@@ -370,6 +370,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             sink.flush()  # type: ignore[union-attr]
         dist.barrier()
 
+    sampled_eval = cfg.task.variant != "direct"
+
     def evaluate(epoch: int) -> None:
         if not test_examples:
             return
@@ -383,6 +385,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         rows = [{"uid": test_problems[i].uid, "reference_logp": float(lp), "greedy_answer": g[0],
                  "greedy_confidence": g[1], "greedy_correct": v.correct}
                 for i, lp, g, v in zip(shard, logp, greedy, verdicts)]
+        if sampled_eval:  # chain of thought: the reference's probability is not pass@k; sample and verify
+            counts = evaluation.sampled_correct_counts(
+                engine.module, tokenizer, task, [test_problems[i] for i in shard], prompts,
+                cfg.evaluation.samples_per_problem, cfg.sampling.temperature, cfg.sampling.max_new_tokens,
+                seed=cfg.sampling.seed + 1000 * epoch + rank)
+            for row, c in zip(rows, counts):
+                row.update(samples=cfg.evaluation.samples_per_problem, correct=c)
         gathered: list[list[dict[str, Any]]] = [None] * world  # type: ignore[list-item]
         dist.all_gather_object(gathered, rows)
         engine.module.train()
@@ -392,6 +401,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         report = evaluation.exact_report(np.array([r["reference_logp"] for r in per_problem]),
                                          [r["greedy_confidence"] for r in per_problem],
                                          [r["greedy_correct"] for r in per_problem], cfg.evaluation.k_grid)
+        if sampled_eval:
+            report["pass_at_k_reference"] = report["pass_at_k"]  # the reference chain's exact coverage
+            report["pass_at_k"] = evaluation.sampled_pass_at_k([r["samples"] for r in per_problem],
+                                                               [r["correct"] for r in per_problem],
+                                                               cfg.evaluation.k_grid)
+            report["estimator"] = "unbiased, from sampled completions"
         report.update(epoch=epoch, step=step, problems=len(per_problem))
         with fsspec.open(f"{run_dir.rstrip('/')}/eval/epoch_{epoch:03d}.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in per_problem)

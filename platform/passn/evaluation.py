@@ -48,6 +48,27 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
             for row in rows]
 
 
+def sampled_correct_counts(model, tokenizer, task, problems: Sequence[Any], prompts: Sequence[str], samples: int,
+                           temperature: float, max_new_tokens: int, seed: int, max_rows: int = 1024) -> list[int]:
+    """How many of ``samples`` sampled completions of each prompt the task's verifier accepts
+    (pass@k by sampling, for tasks whose correct answers cannot be enumerated: chain of thought)."""
+    encoded = [tokenizer(p).input_ids for p in prompts]
+    rows = sample_tokens(model, encoded, samples, temperature, max_new_tokens, seed, eos_ids={tokenizer.eos_token_id},
+                         pad_id=tokenizer.pad_token_id, max_rows=max_rows)
+    counts = []
+    for problem, row in zip(problems, rows):
+        texts = [tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in row]
+        counts.append(sum(v.correct for v in task.check_many([problem] * len(texts), texts)))
+    return counts
+
+
+def sampled_pass_at_k(samples: Sequence[int], correct: Sequence[int], k_grid: Sequence[int]) -> dict[str, float]:
+    """Mean unbiased pass@k over problems (k above the sample count is left out)."""
+    ks = [k for k in k_grid if k <= min(samples)]
+    values = coverage.pass_at_k(np.array(samples), np.array(correct), ks).mean(0)
+    return {str(k): float(v) for k, v in zip(ks, values)}
+
+
 def exact_report(reference_logp: np.ndarray, greedy_confidence: Sequence[float], greedy_correct: Sequence[bool],
                  k_grid: Sequence[int]) -> dict[str, Any]:
     """pass@k from exact confidences plus the greedy-confidence summary, JSON-ready."""

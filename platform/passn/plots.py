@@ -108,3 +108,26 @@ def plot_confidence_by_epoch(summaries: Sequence[Mapping[str, Any]], path: str, 
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def text_frontier(curves: Mapping[str, Mapping[int, float]], frontier: Sequence[Mapping[str, Any]],
+                  rows: int = 16, column: int = 7) -> str:
+    """The frontier plot as text (for terminals and READMEs): pass@N per trial, one letter each,
+    '*' where a trial is the best for that N; test budgets N on a log axis."""
+    ns = sorted({n for curve in curves.values() for n in curve})
+    letters = {name: chr(ord("a") + i) for i, name in enumerate(curves)}
+    best = {(f["trial"], f["N"]) for f in frontier}
+    grid = [[" "] * (len(ns) * column) for _ in range(rows + 1)]
+    for name, curve in curves.items():
+        for j, n in enumerate(ns):
+            if n in curve:
+                r = rows - round(curve[n] * rows)
+                x = j * column + column // 2
+                mark = "*" if (name, n) in best else letters[name]
+                if grid[r][x] != "*":
+                    grid[r][x] = mark
+    lines = [f"{(rows - r) / rows:4.2f} |" + "".join(row).rstrip() for r, row in enumerate(grid)]
+    lines.append("     +" + "-" * (len(ns) * column))
+    lines.append("      " + "".join(f"{n:^{column}}" for n in ns) + "  test budget N")
+    lines += [f"      {letters[name]} = {name}" for name in curves] + ["      * = the best trial for that N (frontier)"]
+    return "\n".join(lines)

@@ -100,3 +100,18 @@ def test_a_failed_trial_is_retried_from_its_checkpoint(tmp_path):
     assert "1/1 done" in out.stdout
     assert [m["step"] for m in read_metrics(str(trial_dir))] == [1, 2, 3, 4]
     assert (trial_dir / "results.jsonl").exists()
+
+
+def test_a_chain_of_thought_sweep_is_evaluated_by_sampling(tmp_path):
+    run_dir = tmp_path / "sweep"
+    out = sweep(TINY, "--run-dir", str(run_dir), *SMALL, "--set", "task.variant=cot",
+                "--set", "sampling.max_new_tokens=12", "--set", "evaluation.samples_per_problem=8",
+                "--set", "evaluation.k_grid=[1,4,8]", "--grid", "objective.kind=ce")
+    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
+    summary = json.loads((run_dir / "trials" / "kind=ce" / "eval" / "epoch_001.summary.json").read_text())
+    assert summary["estimator"] == "unbiased, from sampled completions"
+    assert set(summary["pass_at_k"]) == {"1", "4", "8"} and "pass_at_k_reference" in summary
+    per_problem = [json.loads(l) for l in (run_dir / "trials" / "kind=ce" / "eval" / "epoch_001.jsonl").open()]
+    assert all(r["samples"] == 8 and 0 <= r["correct"] <= 8 for r in per_problem)
+    rows = [json.loads(l) for l in (run_dir / "trials" / "kind=ce" / "results.jsonl").read_text().splitlines()]
+    assert [r["k"] for r in rows] == [1, 4, 8]

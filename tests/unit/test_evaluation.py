@@ -57,3 +57,25 @@ def test_exact_report():
     assert report["pass_at_k"]["1"] == pytest.approx(0.3)
     assert report["pass_at_k"]["2"] == pytest.approx(0.47)
     assert report["greedy"]["fraction_high_confidence"] == 0.5
+
+
+def test_sampled_pass_at_k_from_counts():
+    from passn.evaluation import sampled_pass_at_k
+
+    # n = 4, c = 1: pass@1 = 1/4, pass@4 = 1; n = 4, c = 0: 0
+    got = sampled_pass_at_k([4, 4], [1, 0], [1, 4, 8])
+    assert set(got) == {"1", "4"} and got["1"] == pytest.approx(0.125) and got["4"] == pytest.approx(0.5)
+
+
+def test_sampled_correct_counts_verify_every_sample(model_and_task):
+    from passn.evaluation import sampled_correct_counts
+
+    model, tokenizer, task = model_and_task
+    problems = task.problems("test")[:3]
+    prompts = [task.render_prompt(p) for p in problems]
+    counts = sampled_correct_counts(model, tokenizer, task, problems, prompts, samples=32, temperature=1.0,
+                                    max_new_tokens=4, seed=0)
+    assert len(counts) == 3 and all(0 <= c <= 32 for c in counts)
+    # feeding the reference answers themselves through the same verifier counts them correct
+    assert [v.correct for v in task.check_many(problems, [task.reference_completion(p) for p in problems])] == \
+        [True] * 3
