@@ -57,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jobs.submit import split_rest
+
+    argv, rest = split_rest(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
+    if rest:
+        args.rest = rest
     return int(args.run(args) or 0)
 
 

@@ -76,7 +76,9 @@ def runtime_env(image: str | None, pip_lock: bool) -> dict[str, Any]:
     env: dict[str, Any] = {
         "working_dir": str(ROOT), "excludes": EXCLUDES,
         # relative to the job's working directory; no secrets here (they come from the cluster)
-        "env_vars": {"PYTHONPATH": "platform:.", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "VLLM_NO_USAGE_STATS": "1"},
+        "env_vars": {"PYTHONPATH": "platform:.", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "VLLM_NO_USAGE_STATS": "1",
+                     # passn's own ray.init adds to the job's environment (its values win)
+                     "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"},
     }
     if image:
         env["image_uri"] = image
@@ -170,6 +172,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("submit", help="run train, sweep or evaluate as a Ray job on a cluster",
+                       usage="passn submit CONFIG [options] -- train|sweep|evaluate [its arguments]",
                        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML configuration inside the project, or s3://")
@@ -178,8 +181,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
     p.add_argument("--image", help="container image for the job (runtime_env image_uri)")
     p.add_argument("--pip-lock", action="store_true", help="install requirements/cpu.lock in the job's environment")
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="-- train|sweep|evaluate [its arguments]")
-    p.set_defaults(run=lambda a: submit(_strip_dashdash(a)))
+    # what follows "--" (the passn command and its arguments) is split off before parsing: see split_rest
+    p.set_defaults(run=submit, rest=[])
     for action, text in (("status", "a job's status"), ("logs", "a job's logs"), ("stop", "stop a job")):
         q = sub.add_parser(action, help=f"{text} (Ray Jobs)")
         q.add_argument("job", help="the job id passn submit printed")
@@ -189,7 +192,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         q.set_defaults(run=_job_command(action))
 
 
-def _strip_dashdash(args: argparse.Namespace) -> argparse.Namespace:
-    if args.rest and args.rest[0] == "--":
-        args.rest = args.rest[1:]
-    return args
+def split_rest(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``passn submit CONFIG [options] -- train ...``: (the submit arguments, the job's command)."""
+    if argv and argv[0] == "submit" and "--" in argv:
+        cut = argv.index("--")
+        return argv[:cut], argv[cut + 1:]
+    return argv, []

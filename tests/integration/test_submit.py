@@ -32,7 +32,9 @@ def head(tmp_path_factory):
     (root / "token").write_text(token + "\n")
     (root / "wrong").write_text("not-the-token\n")
     gcs, dashboard = free_port(), free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+    # the cluster's `python` is this environment's, as an image's would be on a real cluster
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     log = open(root / "head.log", "w")
     proc = subprocess.Popen(
