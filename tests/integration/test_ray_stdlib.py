@@ -1,4 +1,4 @@
-"""DESIGN.md decision 1: with the repository as a Ray working_dir, `import platform` is the stdlib."""
+"""With the repository as a Ray working_dir, `import platform` is still the stdlib (no __init__.py in platform/)."""
 
 import sysconfig
 from pathlib import Path

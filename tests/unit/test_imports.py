@@ -1,4 +1,4 @@
-"""Import hygiene: the pure library never imports Ray, vLLM or DeepSpeed (DESIGN.md decision 2)."""
+"""Import hygiene: the pure library never imports Ray, vLLM or DeepSpeed."""
 
 import subprocess
 import sys
