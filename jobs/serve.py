@@ -90,28 +90,67 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main_with_args(args: argparse.Namespace) -> int:
-    from jobs.evaluate import resolve_model_dir
-    from jobs.train import _absolute
     from passn import checkpoint as ckpt
-    from passn.models import folder_limits
     from passn.openai_api import Limits, token_digest
 
     try:
         token = read_token(args)
         if token is None and not args.no_auth:
             raise ValueError(f"no token: pass --token-file FILE, set ${TOKEN_ENV}, or --no-auth for local experiments")
-        models = {}
-        for model_id, folder in parse_checkpoints(args.checkpoint).items():
-            model_dir = resolve_model_dir(_absolute(folder))
-            max_len, dtype = folder_limits(model_dir)
-            models[model_id] = {"model_dir": model_dir, "max_model_len": max_len,
-                                "kv_cache_bytes": args.kv_cache_mb << 20, "dtype": args.dtype or dtype,
-                                "max_batch_size": args.max_batch}
+        models = resolve_models(parse_checkpoints(args.checkpoint), args.kv_cache_mb, args.dtype, args.max_batch)
         limits = Limits(max_n=args.max_n, max_tokens=args.max_tokens)
     except (ValueError, OSError, ckpt.CheckpointError) as exc:
         print(f"passn serve: {exc}", file=sys.stderr)
         return 2
     return serve_forever(models, None if token is None else token_digest(token), limits, args)
+
+
+def resolve_models(checkpoints: dict[str, str], kv_cache_mb: int, dtype: str | None,
+                   max_batch: int) -> dict[str, dict]:
+    """{model id: folder} -> {model id: ModelServer arguments}, each checkpoint verified first."""
+    from jobs.evaluate import resolve_model_dir
+    from jobs.train import _absolute
+    from passn.models import folder_limits
+
+    models = {}
+    for model_id, folder in checkpoints.items():
+        model_dir = resolve_model_dir(_absolute(folder))
+        max_len, saved_dtype = folder_limits(model_dir)
+        models[model_id] = {"model_dir": model_dir, "max_model_len": max_len, "kv_cache_bytes": kv_cache_mb << 20,
+                            "dtype": dtype or saved_dtype, "max_batch_size": max_batch}
+    return models
+
+
+def app_builder(args: dict[str, str]):
+    """The same application for `serve run` and KubeRay's RayService (serveConfigV2
+    ``import_path: jobs.serve:app_builder``), configured by ``args``:
+
+        checkpoints: "ce=s3://bucket/runs/ce/checkpoints/step_00000468,dco=s3://..."   (required)
+        max_n, max_tokens, max_ongoing, max_queued, max_batch, request_timeout, kv_cache_mb,
+        gpus_per_replica, cpus_per_replica, replicas, dtype                              (optional)
+
+    The bearer token comes from $PASSN_SERVE_TOKEN or the file named by $PASSN_SERVE_TOKEN_FILE
+    in the environment (a Kubernetes secret), never from the args.
+    """
+    from actors.serve import build_app
+    from passn.openai_api import Limits, token_digest
+
+    if not args.get("checkpoints"):
+        raise ValueError("app_builder: args.checkpoints is required (ID=DIR,ID=DIR,...)")
+    token = os.environ.get(TOKEN_ENV)
+    if not token and os.environ.get(f"{TOKEN_ENV}_FILE"):
+        with open(os.environ[f"{TOKEN_ENV}_FILE"]) as f:
+            token = f.read().strip()
+    if not token:
+        raise ValueError(f"app_builder: set {TOKEN_ENV} or {TOKEN_ENV}_FILE (a secret) in the environment")
+    number = lambda key, default, cast=int: cast(args.get(key, default))  # noqa: E731
+    models = resolve_models(parse_checkpoints(args["checkpoints"].split(",")), number("kv_cache_mb", 4096),
+                            args.get("dtype"), number("max_batch", 16))
+    return build_app(models, token_digest(token), Limits(max_n=number("max_n", 256), max_tokens=number("max_tokens", 1024)),
+                     request_timeout_s=number("request_timeout", 120.0, float), health_timeout_s=30.0,
+                     max_ongoing=number("max_ongoing", 32), max_queued=number("max_queued", 64),
+                     replicas=number("replicas", 1), cpus=number("cpus_per_replica", 4.0, float),
+                     gpus=number("gpus_per_replica", 1.0, float))
 
 
 def serve_forever(models: dict, digest: str | None, limits, args: argparse.Namespace) -> int:

@@ -187,3 +187,21 @@ def test_a_request_past_the_timeout_is_cancelled_and_answered_504():
     with pytest.raises(ApiError) as info:
         asyncio.run(Gateway.func_or_class._call(Slow(), timeout_s=0.2))
     assert info.value.status == 504 and Slow.cancelled and time.monotonic() - started < 5
+
+
+def test_the_rayservice_app_builder_needs_a_token_and_builds_the_same_app(tmp_path, monkeypatch):
+    from ray.serve import Application
+
+    from jobs.serve import app_builder
+
+    model, tokenizer = build_tiny_model(TinyModelSpec(), seed=0)
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    monkeypatch.delenv("PASSN_SERVE_TOKEN", raising=False)
+    monkeypatch.delenv("PASSN_SERVE_TOKEN_FILE", raising=False)
+    with pytest.raises(ValueError, match="PASSN_SERVE_TOKEN"):
+        app_builder({"checkpoints": f"base={tmp_path / 'm'}"})
+    (tmp_path / "token").write_text(TOKEN)
+    monkeypatch.setenv("PASSN_SERVE_TOKEN_FILE", str(tmp_path / "token"))
+    app = app_builder({"checkpoints": f"base={tmp_path / 'm'}", "gpus_per_replica": "0", "max_n": "8"})
+    assert isinstance(app, Application)
