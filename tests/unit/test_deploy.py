@@ -1,7 +1,8 @@
 """deploy/: the KubeRay manifests, launcher config and image recipe, checked offline.
 
-Not a schema validation against the KubeRay CRDs (no package on the registries carries them):
-each manifest is parsed and passn's own invariants asserted."""
+Every pod template (head, worker groups, RayJob submitter) is validated against Kubernetes' own
+OpenAPI schema (kubernetes-validate, strict: unknown fields are errors); the KubeRay-level fields,
+for which no registry package carries the CRD schemas, are checked by passn's invariants."""
 
 import importlib
 import re
@@ -105,3 +106,29 @@ def test_launcher_and_image_recipe():
     assert '".[gpu]"' in dockerfile  # the versions pyproject.toml pins for CUDA clusters
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'gpu = \["passn\[ray\]", "vllm==[0-9.]+"\]', pyproject)
+
+
+def pod_templates():
+    for name, spec in cluster_specs().items():
+        for group_name, group, _ in containers(spec):
+            yield f"{name}:{group_name}", group["template"]
+    yield "rayjob.yaml:submitter", manifest("rayjob.yaml")["spec"]["submitterPodTemplate"]
+
+
+@pytest.mark.parametrize("where, template", list(pod_templates()), ids=[w for w, _ in pod_templates()])
+def test_pod_templates_follow_the_kubernetes_schema(where, template):
+    import kubernetes_validate
+
+    resource = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "passn"}, "template": template}
+    kubernetes_validate.validate(resource, "1.33.0", strict=True)  # raises ValidationError naming the field
+
+
+def test_the_schema_check_catches_a_misspelled_field():
+    import kubernetes_validate
+
+    _, template = next(pod_templates())
+    broken = yaml.safe_load(yaml.safe_dump(template))
+    broken["spec"]["containers"][0]["resources"]["limitz"] = broken["spec"]["containers"][0]["resources"].pop("limits")
+    with pytest.raises(kubernetes_validate.ValidationError, match="limitz"):
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "passn"},
+                                      "template": broken}, "1.33.0", strict=True)
