@@ -515,8 +515,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
 
 def _runtime_env() -> dict[str, Any]:
+    # no credentials here: a runtime_env is recorded in Ray's metadata (dashboard, state API). Workers
+    # of a local cluster inherit the driver's environment; a cluster's nodes have their own (secrets).
     keep = ("PYTHONPATH", "PASSN_MODEL_CACHE", "TORCH_EXTENSIONS_DIR", FAULT_ENV, "AWS_ENDPOINT_URL",
-            "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+            "AWS_DEFAULT_REGION")
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env.update(RAY_USAGE_STATS_ENABLED="0", VLLM_NO_USAGE_STATS="1", OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false",
