@@ -85,13 +85,15 @@ class ModelServer:
         if logprobs is not None:
             tokens, values, top = [], [], []
             for token_id, position in zip(sample.token_ids, sample.logprobs or []):
-                text = lambda t, lp: lp.decoded_token if lp.decoded_token is not None else self.tokenizer.decode([t])
-                tokens.append(text(token_id, position[token_id]))
+                tokens.append(self._token_text(token_id, position[token_id]))
                 values.append(float(position[token_id].logprob))
-                top.append({text(t, lp): float(lp.logprob) for t, lp in position.items()})
+                top.append({self._token_text(t, lp): float(lp.logprob) for t, lp in position.items()})
             body = logprobs_body(tokens, values, top if logprobs > 0 else None)
         return {"text": sample.text, "finish_reason": sample.finish_reason or "length", "logprobs": body,
                 "num_tokens": len(sample.token_ids)}
+
+    def _token_text(self, token_id: int, logprob) -> str:
+        return logprob.decoded_token if logprob.decoded_token is not None else self.tokenizer.decode([token_id])
 
     async def health(self) -> float:
         """Seconds one real (greedy, one-token) generation takes."""

@@ -180,7 +180,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override (repeatable)")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
     p.add_argument("--image", help="container image for the job (runtime_env image_uri)")
-    p.add_argument("--pip-lock", action="store_true", help="install requirements/cpu.lock in the job's environment")
+    p.add_argument("--pip-lock", action="store_true",
+                   help="install requirements/cpu.lock in the job's environment (CPU clusters; GPU clusters use the "
+                        "image of deploy/Dockerfile)")
     # what follows "--" (the passn command and its arguments) is split off before parsing: see split_rest
     p.set_defaults(run=submit, rest=[])
     for action, text in (("status", "a job's status"), ("logs", "a job's logs"), ("stop", "stop a job")):
