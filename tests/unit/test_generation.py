@@ -37,18 +37,21 @@ def full_recompute_greedy(model, prompt, max_new_tokens):
     return tuple(ids[len(prompt):])
 
 
-def test_greedy_equals_recomputing_every_step_without_a_cache(model):
+@pytest.mark.parametrize("sync_every", [1, 5])
+def test_greedy_equals_recomputing_every_step_without_a_cache(model, sync_every):
     rows = sample_tokens(model, PROMPTS, samples=1, temperature=0.0, max_new_tokens=12, seed=0, eos_ids={EOS_ID},
-                         pad_id=PAD_ID)
+                         pad_id=PAD_ID, sync_every=sync_every)
     for prompt, (row,) in zip(PROMPTS, rows):
         assert row.token_ids == full_recompute_greedy(model, prompt, 12)
         assert row.cumulative_logprob == pytest.approx(teacher_forced_logp(model, prompt, row.token_ids), abs=1e-5)
 
 
-def test_samples_carry_their_exact_logprob_and_stop_at_eos(model):
-    # a small batch cap forces several groups; many rows stop early, so the batch shrinks mid-decode
+@pytest.mark.parametrize("sync_every", [1, 8])
+def test_samples_carry_their_exact_logprob_and_stop_at_eos(model, sync_every):
+    # a small batch cap forces several groups; many rows stop early, so the batch shrinks mid-decode;
+    # with sync_every 8, rows decode past their <eos> until the next sync and those tokens are dropped
     rows = sample_tokens(model, PROMPTS, samples=24, temperature=1.0, max_new_tokens=40, seed=1, eos_ids={EOS_ID},
-                         pad_id=PAD_ID, max_rows=30)
+                         pad_id=PAD_ID, max_rows=30, sync_every=sync_every)
     assert [len(r) for r in rows] == [24, 24, 24]
     reasons = {s.finish_reason for r in rows for s in r}
     assert reasons == {"stop", "length"}  # both kinds happened, so rows left the batch mid-decode
