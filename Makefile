@@ -15,7 +15,7 @@ STAMP := $(VENV)/.passn-installed
 export RAY_USAGE_STATS_ENABLED := 0
 export VLLM_NO_USAGE_STATS := 1
 
-.PHONY: demo test test-unit lock install clean help
+.PHONY: demo test test-unit lock install clean help coq
 
 help:
 	@echo "make demo    run the demo (creates .venv on first use)"
@@ -35,7 +35,13 @@ $(STAMP): $(LOCK) pyproject.toml
 	@$(VENV)/bin/uv pip uninstall --python $(VENV)/bin/python torchvision torchaudio torchcodec triton 2>/dev/null || true
 	@touch $@
 
-test: $(STAMP)
+# Coq 8.16 (coqidetop.opt) for the prover tests and `passn prove`: Debian's package, ~25 s, ~1 GB.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+coq:
+	@command -v coqidetop.opt >/dev/null || { $(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q coq; }
+
+test: $(STAMP) coq
 	$(VENV)/bin/python -m pytest tests
 
 test-unit: $(STAMP)

@@ -44,9 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     train_job.add_arguments(train)
     train.set_defaults(run=train_job.main_with_args)
 
-    from jobs import bench, demo, evaluate, frontier, serve, submit, sweep
+    from jobs import bench, demo, evaluate, frontier, prover, serve, submit, sweep
 
     evaluate.add_parser(sub)
+    prover.add_parser(sub)
     sweep.add_parser(sub)
     frontier.add_parser(sub)
     serve.add_parser(sub)
