@@ -33,13 +33,20 @@ ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_NO_USAGE_STATS": "1",
 class VLLMEngine:
     """An in-process vLLM engine (explicit KV-cache size, eager mode)."""
 
-    def __init__(self, model_dir: str, max_model_len: int, kv_cache_bytes: int, dtype: str, seed: int) -> None:
+    def __init__(self, model_dir: str, max_model_len: int, kv_cache_bytes: int, dtype: str, seed: int,
+                 sleep_when_idle: bool = False) -> None:
         os.environ.update(ENGINE_ENV)
         from vllm import LLM
 
+        # sleep_when_idle (CUDA only): between requests the engine sleeps (level 1: weights to host
+        # memory, KV cache freed), so a training worker sharing the GPU gets the memory back
         self.llm = LLM(model=model_dir, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                       kv_cache_memory_bytes=kv_cache_bytes, enforce_eager=True, trust_remote_code=False)
+                       kv_cache_memory_bytes=kv_cache_bytes, enforce_eager=True, trust_remote_code=False,
+                       **({"enable_sleep_mode": True} if sleep_when_idle else {}))
         self.tokenizer = self.llm.get_tokenizer()
+        self.sleep_when_idle = sleep_when_idle
+        if sleep_when_idle:
+            self.llm.sleep(level=1)
 
     def sample(self, prompt_ids: list[list[int]], samples: int, temperature: float, max_new_tokens: int,
                seed: int) -> list[list[tuple[str, tuple[int, ...], float, str]]]:
@@ -48,13 +55,24 @@ class VLLMEngine:
 
         params = SamplingParams(n=samples, temperature=temperature, max_tokens=max_new_tokens,
                                 seed=None if temperature == 0 else seed, logprobs=0)
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
+        if self.sleep_when_idle:
+            self.llm.wake_up()
+        try:
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
+                                        use_tqdm=False)
+        finally:
+            if self.sleep_when_idle:
+                self.llm.sleep(level=1)
         return [[(s.text, tuple(s.token_ids), float(s.cumulative_logprob), str(s.finish_reason)) for s in o.outputs]
                 for o in outputs]
 
     def reload(self, model_dir: str) -> None:
+        if self.sleep_when_idle:  # only the weights wake: the KV cache stays freed during the load
+            self.llm.wake_up(tags=["weights"])
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_dir})
         self.llm.reset_prefix_cache()
+        if self.sleep_when_idle:
+            self.llm.sleep(level=1)
 
 
 class TransformersEngine:
@@ -62,7 +80,7 @@ class TransformersEngine:
     shrinking batches): for machines where vLLM cannot run."""
 
     def __init__(self, model_dir: str, max_model_len: int, kv_cache_bytes: int, dtype: str, seed: int,
-                 max_rows: int = 512) -> None:
+                 sleep_when_idle: bool = False, max_rows: int = 512) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -75,6 +93,7 @@ class TransformersEngine:
         self.eos_ids = set(eos) if isinstance(eos, list) else {eos}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.max_rows = max_rows
+        self.sleep_when_idle = sleep_when_idle and device == "cuda"  # free the cache allocator's blocks
 
     def sample(self, prompt_ids: list[list[int]], samples: int, temperature: float, max_new_tokens: int,
                seed: int) -> list[list[tuple[str, tuple[int, ...], float, str]]]:
@@ -82,6 +101,10 @@ class TransformersEngine:
 
         rows = sample_tokens(self.model, prompt_ids, samples, temperature, max_new_tokens, seed, self.eos_ids,
                              self.pad_id, self.max_rows)
+        if self.sleep_when_idle:
+            import torch
+
+            torch.cuda.empty_cache()  # the KV cache of this call goes back to the GPU, for the trainer
         return [[(self.tokenizer.decode(s.token_ids, skip_special_tokens=True), s.token_ids, s.cumulative_logprob,
                   s.finish_reason) for s in row] for row in rows]
 
@@ -111,10 +134,10 @@ class SamplerActor:
     """One engine (vLLM or transformers). Thin: requests in, Completions out."""
 
     def __init__(self, backend: str, model_dir: str, max_model_len: int, kv_cache_bytes: int, dtype: str,
-                 seed: int) -> None:
-        self.engine = ENGINES[backend](model_dir, max_model_len, kv_cache_bytes, dtype, seed)
+                 seed: int, version: int = 0, sleep_when_idle: bool = False) -> None:
+        self.engine = ENGINES[backend](model_dir, max_model_len, kv_cache_bytes, dtype, seed, sleep_when_idle)
         self.tokenizer = self.engine.tokenizer
-        self.model_dir, self.version, self.max_model_len = model_dir, 0, max_model_len
+        self.model_dir, self.version, self.max_model_len = model_dir, version, max_model_len
 
     def generate(self, prompts: Sequence[tuple[int, str]], work: Work, temperature: float, max_new_tokens: int,
                  seed: int, version: int | None) -> tuple[list[Completion], list[Skipped]]:
@@ -154,7 +177,12 @@ class SamplerActor:
         return version
 
     def state(self) -> dict[str, Any]:
-        return {"model_dir": self.model_dir, "version": self.version, "pid": os.getpid()}
+        out: dict[str, Any] = {"model_dir": self.model_dir, "version": self.version, "pid": os.getpid()}
+        import torch
+
+        if torch.cuda.is_available():
+            out["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
+        return out
 
 
 class SamplerPool:
@@ -164,15 +192,18 @@ class SamplerPool:
                  kv_cache_bytes: int = 64 << 20, dtype: str = "float32", seed: int = 0,
                  cpus_per_actor: float = 0.5, gpus_per_actor: float = 0.0, prompts_per_unit: int = 64,
                  max_samples_per_request: int = 256, max_retries: int = 3,
-                 unit_timeout_s: float | None = None) -> None:
+                 unit_timeout_s: float | None = None, version: int = 0, scheduling_strategy: Any = None,
+                 sleep_when_idle: bool = False) -> None:
         env = {**ENGINE_ENV, **{k: os.environ[k] for k in (FAULT_ENV, HANG_ENV) if k in os.environ}}
         options = {"num_cpus": cpus_per_actor, "num_gpus": gpus_per_actor, "runtime_env": {"env_vars": env}}
+        if scheduling_strategy is not None:  # e.g. pinned to the node of the training worker that owns it
+            options["scheduling_strategy"] = scheduling_strategy
         if backend not in ENGINES:
             raise ValueError(f"sampler backend {backend!r}: expected one of {sorted(ENGINES)}")
         self.actors = [SamplerActor.options(**options).remote(backend, model_dir, max_model_len, kv_cache_bytes,
-                                                              dtype, seed)
+                                                              dtype, seed, version, sleep_when_idle)
                        for _ in range(num_actors)]
-        self.model_dir, self.version, self.backend = model_dir, 0, backend
+        self.model_dir, self.version, self.backend = model_dir, version, backend
         self.prompts_per_unit, self.max_samples = prompts_per_unit, max_samples_per_request
         self.max_retries, self.unit_timeout_s = max_retries, unit_timeout_s
         ray.get([a.state.remote() for a in self.actors])  # engines are up
@@ -222,6 +253,12 @@ class SamplerPool:
             if attempts:
                 self._resync()
         completions.sort(key=lambda c: (c.prompt_index, c.sample_index))
+        # every prompt not skipped exactly samples_per_prompt times, each sample index once
+        seen = [(c.prompt_index, c.sample_index) for c in completions]
+        expected = [(p, j) for p in range(len(prompts)) if p not in skipped for j in range(samples_per_prompt)]
+        if seen != expected:
+            raise RuntimeError(f"sampler pool returned {len(seen)} completions for {len(expected)} expected "
+                               "(a prompt lost or counted twice): refusing to use them")
         return completions, sorted(skipped.values(), key=lambda s: s.prompt_index)
 
     def _failed(self, attempts: dict[int, int], unit: int, why: str) -> None:
@@ -239,10 +276,24 @@ class SamplerPool:
             if state["version"] != self.version:
                 ray.get(actor.load_weights.remote(self.model_dir, self.version))
 
-    def load_weights(self, model_dir: str, version: int) -> None:
-        """Swap every engine to ``model_dir`` and tag it ``version``; requests then need that version."""
-        ray.get([a.load_weights.remote(model_dir, version) for a in self.actors])
+    def load_weights(self, model_dir: str, version: int, timeout_s: float | None = None) -> None:
+        """Swap every engine to ``model_dir`` and tag it ``version``; requests then need that version.
+
+        Past ``timeout_s`` this raises (naming the actors not done) rather than leave a stale pool;
+        requests keep carrying the old version, so a half-synced pool refuses them too.
+        """
+        refs = [a.load_weights.remote(model_dir, version) for a in self.actors]
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        if pending:
+            late = [i for i, r in enumerate(refs) if r in pending]
+            raise TimeoutError(f"weight sync to version {version} ({model_dir}) not done by sampler actors {late} "
+                               f"after {timeout_s} s: stopping rather than sample from a stale policy")
+        ray.get(ready)
         self.model_dir, self.version = model_dir, version
+
+    def gpu_peak_bytes(self) -> list[int]:
+        """Each actor's peak CUDA memory (empty on CPU)."""
+        return [s["gpu_peak_bytes"] for s in ray.get([a.state.remote() for a in self.actors]) if "gpu_peak_bytes" in s]
 
     def shutdown(self) -> None:
         for actor in self.actors:

@@ -34,7 +34,7 @@ from passn import checkpoint as ckpt
 from passn import evaluation, objectives
 from passn.config import ConfigError, RunConfig, config_hash, load_config, to_yaml
 from passn.data import CandidateStream, Example, collate, encode_examples, refill
-from passn.models import load_model, load_tokenizer
+from passn.models import load_model, load_tokenizer, write_model_folder
 from passn.tasks import DataError, MathTask, SyntheticTask, Task
 
 FAULT_ENV = "PASSN_FAULT_KILL_RANK_AT_STEP"  # fault injection for tests: "RANK:STEP"
@@ -51,6 +51,10 @@ def build_task(cfg: RunConfig, run_dir: str | None = None) -> Task:
         s = t.synthetic
         return SyntheticTask(seed=t.seed, variant=t.variant, num_train=s.num_train, num_test=s.num_test,  # type: ignore[arg-type]
                              question_length=s.question_length, num_letters=s.num_letters, beta=s.beta)
+    if t.kind == "coq":
+        from passn.proof_steps import proof_step_task
+
+        return proof_step_task(cfg)
     return MathTask(t.train_path, t.test_path, template=t.variant, max_bad_fraction=t.max_bad_fraction,
                     rejects_dir=run_dir, mode=t.answer_check)
 
@@ -60,16 +64,16 @@ def held_out_problems(task: Task, cfg: RunConfig) -> list:
     try:
         return task.problems("test")
     except DataError:
-        if cfg.task.kind == "math":
+        if cfg.task.kind in ("math", "coq"):
             return []
         raise
 
 
 def check_before_training(cfg: RunConfig, run_dir: str) -> None:
     """Everything that can fail on bad input, checked in the driver before workers start."""
-    if cfg.objective.kind in ("dcoa", "dr_grpo"):
-        raise ConfigError(f"objective.kind = '{cfg.objective.kind}' samples from the policy during training; "
-                          "it needs the sampler pool (not available yet): use ce, dco or dco_step")
+    if cfg.objective.whole_proof and cfg.task.kind == "coq":
+        raise ConfigError("objective.whole_proof (one weight per proof) is not implemented: the training loop draws "
+                          "proof steps independently, so a proof's steps are not in one batch; use dco_step")
     if cfg.objective.whole_proof:
         raise ConfigError("objective.whole_proof needs a task made of proofs (the Coq task); the "
                           f"{cfg.task.kind} task has single-step examples: set objective.whole_proof = false")
@@ -265,8 +269,15 @@ def fault_marker(run_dir: str) -> Path:
     return Path(tempfile.gettempdir()) / f"passn-fault-{hashlib.sha256(run_dir.encode()).hexdigest()[:12]}"
 
 
-def _per_sequence_loss(cfg: RunConfig, token_logp_BT, mask_BT):
-    kind, norm = cfg.objective.kind, cfg.objective.ce_normalisation
+def _per_sequence_loss(cfg: RunConfig, token_logp_BT, mask_BT, values_B=None, kind: str | None = None):
+    """(loss_B, weight_B) of ``kind`` (default: the configured objective). ``values_B``: numbers
+    fixed before the step: the DCOa weight F(N', p_MC), the Dr. GRPO advantage."""
+    kind, norm = kind or cfg.objective.kind, cfg.objective.ce_normalisation
+    if kind == "dcoa":
+        return objectives.weighted_ce_loss(token_logp_BT, mask_BT, values_B, norm), values_B
+    if kind == "dr_grpo":  # -A_i sum_t log p; summed over a step's rollouts / rollouts = mean over prompts of -J
+        loss_B = objectives.dr_grpo_loss(token_logp_BT, mask_BT, values_B, group_size=1)
+        return loss_B, torch.ones_like(loss_B, dtype=torch.float64)
     if kind == "ce":
         loss_B = objectives.ce_loss(token_logp_BT, mask_BT, norm)
         return loss_B, torch.ones_like(loss_B, dtype=torch.float64)
@@ -346,16 +357,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         engine.save_state(str(local / "state"))
         (local / "rng").mkdir()
         (local / "rng" / f"rank_{rank}.json").write_text(json.dumps(rng_state()))
-        if cfg.resources.zero_stage == 3 and cfg.resources.backend == "deepspeed":
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-                if is_rank0:
-                    engine.module.save_pretrained(local / "model", safe_serialization=True)
-        elif is_rank0:
-            engine.module.save_pretrained(local / "model", safe_serialization=True)
-        if is_rank0:
-            tokenizer.save_pretrained(local / "model")
+        export_weights(str(local / "model"), here=is_rank0)
+        if is_rank0 and online is not None:
+            (local / "online.json").write_text(json.dumps(online.state()))
         remote = ckpt.checkpoint_dir(run_dir, step)
         ckpt.upload_tree(local, remote)
         files: list[dict[str, Any]] = [None] * world  # type: ignore[list-item]
@@ -371,6 +375,33 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         dist.barrier()
 
     sampled_eval = cfg.task.variant != "direct"
+
+    def export_weights(folder: str, here: bool = True) -> None:
+        """The model as a Hugging Face folder, written by this worker if ``here``; every worker
+        calls it (ZeRO-3 gathers the parameters first)."""
+        if cfg.resources.zero_stage == 3 and cfg.resources.backend == "deepspeed":
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+                if here:
+                    write_model_folder(engine.module, tokenizer, folder)
+        elif here:
+            write_model_folder(engine.module, tokenizer, folder)
+
+    def gather(obj: Any) -> list[Any]:
+        out: list[Any] = [None] * world
+        dist.all_gather_object(out, obj)
+        return out
+
+    online = None
+    if cfg.objective.kind in ("dcoa", "dr_grpo"):
+        from jobs.online import OnlineSampler
+
+        online = OnlineSampler(cfg, task, task.problems("train"), tokenizer, lambda: engine.module, export_weights,
+                               limit, rank, world, gather)
+        if resumed is not None and "online.json" in resumed.manifest["files"]:
+            with fsspec.open(f"{resumed.path.rstrip('/')}/online.json", "r") as f:
+                online.load_state(json.load(f))
 
     def evaluate(epoch: int) -> None:
         if not test_examples:
@@ -422,19 +453,34 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     fault = os.environ.get(FAULT_ENV)
     marker = fault_marker(run_dir)
     engine.module.train()
-    needs_weights_first = cfg.objective.kind != "ce" and cfg.objective.refill_threshold > 0
+    kind = cfg.objective.kind
+    needs_weights_first = kind in ("dco", "dco_step") and cfg.objective.refill_threshold > 0
     last_saved, last_evaluated = step, int(stream.epoch)
     while not stream.finished:
         started = time.perf_counter()
         epoch_before = stream.epoch
 
         # take candidates and refill to exactly sequences_per_step
-        chosen: list[int] = []
-        dropped = 0
+        chosen: list[tuple[Example, float]] = []  # (sequence, its fixed per-sequence value)
+        dropped = candidates = 0
+        looked_at: list = []  # the step's Monte Carlo estimates (dcoa)
+        warm_up = online is not None and step < cfg.objective.ce_warmup_steps  # CE on the references first
+        group = cfg.objective.group_size if kind == "dr_grpo" and not warm_up else 1
         while len(chosen) < cfg.optim.sequences_per_step and not stream.finished:
-            need = cfg.optim.sequences_per_step - len(chosen)
-            window = stream.peek(cfg.optim.sequences_per_step)
-            if needs_weights_first:
+            need = (cfg.optim.sequences_per_step - len(chosen)) // group  # sequences, or prompts for dr_grpo
+            window = stream.peek(cfg.optim.sequences_per_step // group)
+            threshold = cfg.objective.refill_threshold
+            if kind == "dcoa" and not warm_up:
+                estimates = online.estimates(window, step)  # type: ignore[union-attr]
+                weights = objectives.dcoa_weights(torch.tensor([e.correct for e in estimates]),
+                                                  torch.tensor([e.samples for e in estimates]),
+                                                  cfg.objective.budget).tolist()
+            elif kind == "dr_grpo" and not warm_up:
+                groups = online.groups(window, step)  # type: ignore[union-attr]
+                rewards = torch.tensor([[r.reward for r in g] for g in groups])
+                weights = objectives.balanced_groups(rewards).double().tolist()  # batch balancing
+                threshold = 1.0
+            elif needs_weights_first:
                 local = window[rank::world]
                 with torch.no_grad():
                     weights_local = []
@@ -450,10 +496,22 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     weights[r::world] = gathered[r]
             else:
                 weights = [1.0] * len(window)
-            outcome = refill(weights, cfg.objective.refill_threshold, need)
-            chosen += [window[p] for p in outcome.chosen]
+            outcome = refill(weights, threshold, need)
+            if kind == "dr_grpo" and not warm_up:
+                for p in outcome.chosen:
+                    prompt = train_examples[window[p]].input_ids[: train_examples[window[p]].completion_start]
+                    advantages = objectives.group_advantages(rewards[p : p + 1])[0].tolist()
+                    chosen += [(Example(f"{train_examples[window[p]].uid}#{j}", prompt + r.token_ids, len(prompt)), a)
+                               for j, (r, a) in enumerate(zip(groups[p], advantages))]
+            else:
+                chosen += [(train_examples[window[p]], weights[p] if kind == "dcoa" else 1.0) for p in outcome.chosen]
+            if kind == "dcoa" and not warm_up:
+                looked_at += estimates[: outcome.consumed]
             dropped += outcome.dropped
+            candidates += outcome.consumed
             stream.advance(outcome.consumed)
+        if online is not None and not warm_up:  # staleness 1: the next step's candidates, sampled while this one trains
+            online.prefetch(stream.peek(cfg.optim.sequences_per_step // group), step)
         if len(chosen) < cfg.optim.sequences_per_step:
             say(f"the last epoch leaves {len(chosen)} candidates, fewer than optim.sequences_per_step = "
                 f"{cfg.optim.sequences_per_step}: they are not trained", flush=True)
@@ -469,14 +527,19 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         mine = chosen[rank * per_worker : (rank + 1) * per_worker]
         loss_sum = weight_sum = tokens = 0.0
         weight_min = math.inf
+        train_started = time.perf_counter()
         for start in range(0, per_worker, micro):
-            batch = {k: v.to(device) for k, v in collate([train_examples[i] for i in mine[start:start + micro]], pad).items()}
-            loss_B, weight_B = _per_sequence_loss(cfg, _token_logp(engine, batch), batch["mask_BT"])
+            part = mine[start : start + micro]
+            batch = {k: v.to(device) for k, v in collate([e for e, _ in part], pad).items()}
+            values_B = torch.tensor([v for _, v in part], dtype=torch.float64, device=device)
+            loss_B, weight_B = _per_sequence_loss(cfg, _token_logp(engine, batch), batch["mask_BT"], values_B,
+                                                  kind="ce" if warm_up else kind)
             engine.backward_and_step(loss_B.sum() / per_worker)
             loss_sum += float(loss_B.detach().sum())
             weight_sum += float(weight_B.sum())
             weight_min = min(weight_min, float(weight_B.min()))
             tokens += float(batch["attention_BT"].sum())
+        train_s = time.perf_counter() - train_started
         step += 1
         if fault and fault == f"{rank}:{step}" and not marker.exists():
             marker.touch()
@@ -486,12 +549,21 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         elapsed = time.perf_counter() - started
         row = {"step": step, "epoch": round(stream.progress, 4), "loss": loss_sum / sequences,
                "weight_mean": weight_sum / sequences, "weight_min": weight_min, "dropped": dropped,
-               "sequences": int(sequences), "tokens_per_s": tokens / elapsed, "lr": engine.lr}
+               "sequences": int(sequences), "tokens_per_s": tokens / elapsed, "lr": engine.lr,
+               "candidates": candidates, "step_s": elapsed}
         assert row["sequences"] == cfg.optim.sequences_per_step
+        if online is not None:
+            row.update(_online_metrics(online, gather, looked_at, step - 1, train_s, device))
+            online.forget(step)
         if is_rank0:
+            extra = "" if online is None else (
+                f" | sampled {row.get('sampled_tokens', 0):,.0f} tok in {row.get('sample_s', 0):.2f} s"
+                f" (+{row.get('sample_overlapped_s', 0):.2f} s overlapped) | train {train_s:.2f} s"
+                f" | policy_v {row.get('policy_v', row.get('pool_version', '-'))} staleness {row.get('staleness', 0)}"
+                + (f" | p_mc {row['p_mc_mean']:.3f} [{row['p_mc_min']:.2f}, {row['p_mc_max']:.2f}]" if "p_mc_mean" in row else ""))
             say(f"step {step}/{steps_total} | epoch {row['epoch']:.2f} | loss {row['loss']:.4f} | "
                 f"weight_mean {row['weight_mean']:.3f} | weight_min {row['weight_min']:.3f} | dropped {dropped} | "
-                f"tok/s {row['tokens_per_s']:,.0f} | lr {row['lr']:.2e}", flush=True)
+                f"tok/s {row['tokens_per_s']:,.0f} | lr {row['lr']:.2e}{extra}", flush=True)
             sink.log(row)  # type: ignore[union-attr]
         epoch_end = stream.epoch > epoch_before
         last_epoch = epoch_before + 1 >= cfg.optim.epochs
@@ -505,8 +577,30 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             last_saved = step
             # Ray's own record of progress: once per checkpoint (a report costs about a second)
             ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))})
+    if online is not None:
+        online.close()
     if sink is not None:
         sink.close()
+
+
+def _online_metrics(online, gather, looked_at, trainer_version: int, train_s: float, device) -> dict[str, Any]:
+    """The sampling side of a step, combined over workers: seconds and sync checks as the slowest
+    worker saw them, the p_MC distribution of the candidates looked at, staleness."""
+    from passn.online import p_mc_summary
+
+    parts = gather(online.take_metrics())
+    out: dict[str, Any] = dict(parts[0])
+    for key in ("sync_s", "sync_logp_gap"):
+        values = [p[key] for p in parts if key in p]
+        if values:
+            out[key] = max(values)
+    out["train_s"] = max(gather(train_s))
+    out.update(p_mc_summary(looked_at, trainer_version))
+    if device.type == "cuda":
+        out["gpu_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if online.pool is not None:
+            out["sampler_gpu_peak_gb"] = max(online.pool.gpu_peak_bytes() or [0]) / 2**30
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,7 +612,7 @@ def _runtime_env() -> dict[str, Any]:
     # no credentials here: a runtime_env is recorded in Ray's metadata (dashboard, state API). Workers
     # of a local cluster inherit the driver's environment; a cluster's nodes have their own (secrets).
     keep = ("PYTHONPATH", "PASSN_MODEL_CACHE", "TORCH_EXTENSIONS_DIR", FAULT_ENV, "AWS_ENDPOINT_URL",
-            "AWS_DEFAULT_REGION")
+            "AWS_DEFAULT_REGION", "PASSN_FAULT_SAMPLER_DIE_ONCE", "PASSN_FAULT_SAMPLER_HANG_ONCE")
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env.update(RAY_USAGE_STATS_ENABLED="0", VLLM_NO_USAGE_STATS="1", OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false",
@@ -530,6 +624,16 @@ def _absolute(path: str | None) -> str | None:
     if path is None or "://" in path:
         return path
     return os.path.abspath(path)
+
+
+def local_cpus(cfg: RunConfig) -> int:
+    """Logical CPUs for an embedded local cluster: the machine's, or enough for the training
+    workers plus their sampler actors (Ray's CPUs are a scheduling count, not a pinning)."""
+    r = cfg.resources
+    need = r.num_workers * r.cpus_per_worker
+    if cfg.objective.kind in ("dcoa", "dr_grpo"):
+        need += r.num_workers * r.sampler_actors * r.sampler_cpus
+    return max(2, os.cpu_count() or 2, math.ceil(need))
 
 
 def run_training(cfg: RunConfig, run_dir: str, address: str | None = None) -> list[dict[str, Any]]:
@@ -554,7 +658,7 @@ def run_training(cfg: RunConfig, run_dir: str, address: str | None = None) -> li
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=address, include_dashboard=False, log_to_driver=True, runtime_env=_runtime_env(),
-                 **({} if address else {"num_cpus": max(2, os.cpu_count() or 2)}))
+                 **({} if address else {"num_cpus": local_cpus(cfg)}))
     try:
         r = cfg.resources
         use_gpu = r.gpus_per_worker > 0

@@ -86,9 +86,10 @@ class SyntheticTaskConfig(_Strict):
 
 
 class TaskConfig(_Strict):
-    """``synthetic``: the built-in task (docs/TOY.md); ``math``: MATH-format files."""
+    """``synthetic``: the built-in task (docs/TOY.md); ``math``: MATH-format files; ``coq``: (proof
+    state, tactic) pairs from `passn prover extract` (train.jsonl, test.jsonl)."""
 
-    kind: Literal["synthetic", "math"] = "synthetic"
+    kind: Literal["synthetic", "math", "coq"] = "synthetic"
     variant: Literal["direct", "cot", "r1"] = "direct"
     seed: int = 0
     synthetic: SyntheticTaskConfig = SyntheticTaskConfig()
@@ -96,9 +97,13 @@ class TaskConfig(_Strict):
     test_path: str | None = None
     max_bad_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
     answer_check: Literal["symbolic", "exact"] = "symbolic"
+    max_chars: PositiveInt | None = None  # coq: leave out pairs whose prompt and tactic are longer
 
     @model_validator(mode="after")
     def _sources(self) -> TaskConfig:
+        if self.kind == "coq" and self.train_path is None:
+            raise ValueError("task.kind = 'coq' needs task.train_path (and task.test_path): `passn prover extract`'s "
+                             "train.jsonl and test.jsonl")
         if self.kind == "math" and self.train_path is None and self.test_path is None:
             raise ValueError("task.kind = 'math' needs task.train_path and/or task.test_path (JSONL, Parquet or a save_to_disk folder)")
         if self.kind == "synthetic" and self.variant == "r1":
@@ -117,9 +122,12 @@ class ObjectiveConfig(_Strict):
     refill_threshold: Annotated[float, Field(ge=0)] = 0.0
     ce_normalisation: Literal["sequence_sum", "token_mean"] = "sequence_sum"
     whole_proof: bool = False
+    # dcoa: k samples per candidate from the current policy, p_MC = correct / k (MATH.md section 4)
     mc_samples: PositiveInt = 64
-    ce_warmup_steps: Annotated[int, Field(ge=0)] = 20
-    group_size: PositiveInt = 8
+    ce_warmup_steps: Annotated[int, Field(ge=0)] = 20  # dcoa, dr_grpo: plain CE steps before any sampling
+    group_size: PositiveInt = 8  # dr_grpo: rollouts per prompt (G)
+    # versions the pool's samples may lag the trainer: 0 = synchronous; 1 = the pool samples step
+    # t+1's candidates while the trainer runs step t
     staleness: Annotated[int, Field(ge=0, le=1)] = 0
 
     @model_validator(mode="after")
@@ -190,8 +198,16 @@ class ResourcesConfig(_Strict):
     num_workers: PositiveInt = 1
     gpus_per_worker: Annotated[float, Field(ge=0)] = 0
     cpus_per_worker: Annotated[float, Field(gt=0)] = 1
+    # dcoa / dr_grpo: each training worker owns this many sampler actors on its own node (and GPU)
     sampler_actors: Annotated[int, Field(ge=0)] = 1
-    sampler_gpu_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
+    sampler_backend: Literal["vllm", "transformers"] = "vllm"
+    sampler_cpus: Annotated[float, Field(ge=0)] = 0.5  # Ray CPUs per sampler actor
+    sampler_gpu_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0  # of a GPU per sampler actor
+    sampler_kv_cache_mb: PositiveInt = 64  # vLLM's KV cache per actor (explicit: no memory probing)
+    sampler_sync_timeout_s: Annotated[float, Field(gt=0)] = 300.0  # weight push to the pool; then an error
+    # every K-th sync, the pool's greedy log-prob of a fixed prompt against the trainer's (logged as
+    # sync_logp_gap); 0: never
+    sampler_check_every: Annotated[int, Field(ge=0)] = 0
     backend: Literal["deepspeed", "ddp"] = "deepspeed"
     zero_stage: Literal[0, 1, 2, 3] = 2
     max_failures: Annotated[int, Field(ge=0)] = 1
@@ -234,6 +250,9 @@ class RunConfig(_Strict):
                 f"each worker trains optim.sequences_per_step / resources.num_workers = {per_worker} sequences a "
                 f"step, which optim.micro_sequences_per_worker ({micro}) must divide"
             )
+        if kind in ("dcoa", "dr_grpo") and self.resources.sampler_actors < 1:
+            raise ValueError(f"objective.kind = '{kind}' samples from the policy while training: "
+                             "resources.sampler_actors must be >= 1")
         if kind == "dr_grpo" and per_step % self.objective.group_size:
             raise ValueError(
                 f"optim.sequences_per_step ({per_step}) must be a multiple of objective.group_size "

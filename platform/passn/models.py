@@ -143,3 +143,23 @@ def load_model(cfg: ModelConfig, seed: int):
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, trust_remote_code=False)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     return model, tokenizer
+
+
+def write_model_folder(model, tokenizer, folder: str) -> None:
+    """``model`` and ``tokenizer`` as a Hugging Face folder (config, safetensors, tokenizer) from
+    any process: ``save_pretrained`` writes nothing on ranks other than 0 of a torch.distributed
+    group, and each training worker hands its own sampler actors their weights."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # the loaders tie it back to the embeddings
+    save_file(state, f"{folder}/model.safetensors", metadata={"format": "pt"})
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+

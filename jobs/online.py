@@ -1,0 +1,216 @@
+"""The policy's own samples during training (DCOa, Dr. GRPO).
+
+Each training worker owns a :class:`actors.sampler.SamplerPool` on its own node (and, on GPU
+clusters, a fraction of its own GPU), created when it first needs samples and torn down with the
+worker (Ray kills actors with their owner). Before the pool samples for trainer version v, the
+worker writes its current weights to a local folder and pushes them (``load_weights``, bounded by
+``resources.sampler_sync_timeout_s``); every request carries the version it must see, so a pool
+that missed a sync refuses work instead of sampling a stale policy.
+
+The candidates of a step are split over the workers; each samples its share with its own pool,
+and the results are all-gathered, so every worker holds the same Monte Carlo cache and takes the
+same keep/drop decisions. With ``objective.staleness: 1`` a worker's pool samples the next
+step's candidates in a background thread while the worker trains the current step.
+
+    online = OnlineSampler(cfg, task, problems, tokenizer, export_weights, limit)
+    estimates = online.estimates(window, trainer_version=step)   # DCOa: p_MC per candidate
+    groups = online.groups(window, trainer_version=step)         # Dr. GRPO: G rollouts per prompt
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from passn import evaluation
+from passn.config import RunConfig
+from passn.data import Example
+from passn.online import Estimate, MonteCarloCache, Rollout
+from passn.sampling import group_by_prompt
+
+# one draw: example index -> [(completion token ids, verified correct)]
+Draw = dict[int, list[tuple[tuple[int, ...], bool]]]
+
+
+class OnlineSampler:
+    def __init__(self, cfg: RunConfig, task, problems: Sequence, tokenizer, module: Callable[[], Any],
+                 export_weights: Callable[[str], None], max_model_len: int, rank: int, world: int,
+                 gather: Callable[[Any], list[Any]]) -> None:
+        """``module()``: the model being trained; ``export_weights(dir)``: write it as a Hugging Face
+        folder (called on every worker at once: ZeRO-3 gathers); ``gather(x)``: all workers' x."""
+        self.cfg, self.task, self.problems, self.tokenizer = cfg, task, problems, tokenizer
+        self.module, self.export_weights, self.max_model_len = module, export_weights, max_model_len
+        self.rank, self.world, self.gather = rank, world, gather
+        self.kind = cfg.objective.kind
+        self.samples = cfg.objective.mc_samples if self.kind == "dcoa" else cfg.objective.group_size
+        self.staleness = cfg.objective.staleness
+        self.cache = MonteCarloCache()  # dcoa
+        self.rollouts: dict[int, list[Rollout]] = {}  # dr_grpo
+        self.pool = None
+        self.folder = Path(tempfile.mkdtemp(prefix=f"passn-policy-rank{rank}-"))
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="passn-prefetch")
+        self.pending: tuple[Future, int] | None = None  # a background draw and its policy version
+        self.draws = self.syncs = 0
+        self.metrics: dict[str, float] = {}
+
+    # -- the pool and its weights ------------------------------------------------------------------
+    def _ensure(self, trainer_version: int, oldest: int) -> None:
+        """The pool holds a version >= ``oldest``; else it gets the trainer's current weights."""
+        if self.pool is not None and self.pool.version >= oldest:
+            return
+        started = time.perf_counter()
+        target = self.folder / f"v{trainer_version}"
+        self.export_weights(str(target))
+        r = self.cfg.resources
+        if self.pool is None:
+            import ray
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            from actors.sampler import SamplerPool
+
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            self.pool = SamplerPool(
+                str(target), num_actors=r.sampler_actors, backend=r.sampler_backend, max_model_len=self.max_model_len,
+                kv_cache_bytes=r.sampler_kv_cache_mb << 20, dtype=self.cfg.model.dtype,
+                seed=self.cfg.sampling.seed + self.rank, cpus_per_actor=r.sampler_cpus,
+                gpus_per_actor=r.sampler_gpu_fraction, version=trainer_version, scheduling_strategy=here,
+                sleep_when_idle=r.sampler_gpu_fraction > 0)
+        else:
+            previous = Path(self.pool.model_dir)
+            self.pool.load_weights(str(target), trainer_version, timeout_s=r.sampler_sync_timeout_s)
+            shutil.rmtree(previous, ignore_errors=True)  # kept until now: a restarted actor reloads it
+        self.syncs += 1
+        self._add("sync_s", time.perf_counter() - started)
+        self._add("syncs", 1)
+        if r.sampler_check_every and self.syncs % r.sampler_check_every == 0:
+            self.metrics["sync_logp_gap"] = max(self.metrics.get("sync_logp_gap", 0.0), self._sync_gap())
+
+    def _sync_gap(self) -> float:
+        """|log p| of the pool's greedy completion of a fixed prompt, pool against trainer."""
+        prompt = self.task.render_prompt(self.problems[0])
+        (greedy,), _ = self.pool.generate([prompt], 1, 0.0, self.cfg.sampling.max_new_tokens, seed=0)
+        ids = self.tokenizer(prompt).input_ids
+        example = Example("sync-check", tuple(ids) + tuple(greedy.token_ids), len(ids))
+        with torch.no_grad():
+            trainer = float(evaluation.sequence_logprobs(self.module(), [example], self.tokenizer.pad_token_id)[0])
+        return abs(trainer - greedy.cumulative_logprob)
+
+    # -- drawing samples ---------------------------------------------------------------------------
+    def _draw(self, indices: Sequence[int], version: int) -> tuple[Draw, float, int]:
+        """``self.samples`` completions of each prompt, verified: (draw, seconds, tokens)."""
+        started = time.perf_counter()
+        if not indices:
+            return {}, 0.0, 0
+        problems = [self.problems[i] for i in indices]
+        prompts = [self.task.render_prompt(p) for p in problems]
+        self.draws += 1
+        seed = self.cfg.sampling.seed + 1_000_003 * version + 7919 * self.rank + self.draws
+        completions, skipped = self.pool.generate(prompts, self.samples, self.cfg.sampling.temperature,
+                                                  self.cfg.sampling.max_new_tokens, seed=seed)
+        if skipped:
+            s = skipped[0]
+            raise ValueError(f"training example {problems[s.prompt_index].uid}: {s.reason}; lower "
+                             "sampling.max_new_tokens or raise the model's max_position_embeddings")
+        groups = group_by_prompt(completions, len(prompts))
+        texts = [c.text for g in groups for c in g]
+        verdicts = self.task.check_many([p for p, g in zip(problems, groups) for _ in g], texts)
+        draw: Draw = {}
+        position = 0
+        for index, group in zip(indices, groups):
+            draw[index] = [(c.token_ids, verdicts[position + j].correct) for j, c in enumerate(group)]
+            position += len(group)
+        return draw, time.perf_counter() - started, sum(c.num_tokens for c in completions)
+
+    def _merge(self, local: tuple[Draw, float, int], version: int, overlapped: bool) -> None:
+        """All workers' shares of one draw into every worker's cache."""
+        parts = self.gather(local)
+        for draw, _, _ in parts:
+            for index, samples in draw.items():
+                if self.kind == "dcoa":
+                    self.cache.put(index, sum(ok for _, ok in samples), len(samples), version,
+                                   sum(len(t) for t, _ in samples))
+                else:
+                    self.rollouts[index] = [Rollout(t, float(ok), version) for t, ok in samples]
+        self._add("sample_overlapped_s" if overlapped else "sample_s", max(seconds for _, seconds, _ in parts))
+        self._add("sampled_tokens", sum(tokens for _, _, tokens in parts))
+
+    def _collect_prefetch(self) -> None:
+        if self.pending is not None:
+            future, version = self.pending
+            self.pending = None
+            self._merge(future.result(), version, overlapped=True)
+
+    def _fresh(self, indices: Sequence[int], trainer_version: int) -> list[int]:
+        if self.kind == "dcoa":
+            ok = self.cache.usable(indices, trainer_version, self.staleness)
+        else:
+            ok = {i for i in indices if i in self.rollouts
+                  and 0 <= trainer_version - self.rollouts[i][0].version <= self.staleness}
+        return [i for i in dict.fromkeys(indices) if i not in ok]
+
+    def _fill(self, indices: Sequence[int], trainer_version: int) -> None:
+        self._collect_prefetch()
+        need = self._fresh(indices, trainer_version)  # the same on every worker: the caches are equal
+        if need:
+            self._ensure(trainer_version, trainer_version - self.staleness)
+            version = self.pool.version
+            self._merge(self._draw(need[self.rank :: self.world], version), version, overlapped=False)
+
+    def estimates(self, indices: Sequence[int], trainer_version: int) -> list[Estimate]:
+        """DCOa: p_MC of each candidate from samples at most ``staleness`` versions old."""
+        self._fill(indices, trainer_version)
+        return [self.cache.entries[i] for i in indices]
+
+    def groups(self, indices: Sequence[int], trainer_version: int) -> list[list[Rollout]]:
+        """Dr. GRPO: G verified rollouts per prompt."""
+        self._fill(indices, trainer_version)
+        return [self.rollouts[i] for i in indices]
+
+    def prefetch(self, indices: Sequence[int], trainer_version: int) -> None:
+        """With staleness 1: sample the next step's candidates in the background, with the weights
+        of version ``trainer_version`` (used at ``trainer_version + 1``, one version behind)."""
+        if self.staleness == 0:
+            return
+        need = self._fresh(indices, trainer_version + 1)
+        if not need:
+            return
+        self._ensure(trainer_version, trainer_version)
+        version = self.pool.version
+        self.pending = (self.executor.submit(self._draw, need[self.rank :: self.world], version), version)
+
+    def forget(self, trainer_version: int) -> None:
+        """Drop samples too old to be used at ``trainer_version`` or later."""
+        self.cache.prune(trainer_version, self.staleness)
+        self.rollouts = {i: g for i, g in self.rollouts.items() if trainer_version - g[0].version <= self.staleness}
+
+    # -- metrics, checkpoint state -----------------------------------------------------------------
+    def _add(self, key: str, value: float) -> None:
+        self.metrics[key] = self.metrics.get(key, 0.0) + value
+
+    def take_metrics(self) -> dict[str, float]:
+        out, self.metrics = self.metrics, {}
+        if self.pool is not None:
+            out["pool_version"] = self.pool.version
+        return out
+
+    def state(self) -> dict[str, Any]:
+        return {"p_mc_cache": self.cache.to_json(), "pool_version": None if self.pool is None else self.pool.version}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """The cache of a checkpoint; the pool is created (or re-synced) before its first sample."""
+        self.cache = MonteCarloCache.from_json(state["p_mc_cache"])
+
+    def close(self) -> None:
+        if self.pending is not None:
+            self.pending[0].cancel()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.shutdown()
+        shutil.rmtree(self.folder, ignore_errors=True)
