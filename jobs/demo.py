@@ -11,24 +11,11 @@ budget N = 256 exceeds the best N' for N = 1. Exit status 1 if either is not sho
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-import fsspec
-
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
-
-
-def read_epoch_summaries(run_dir: str) -> list[dict[str, Any]]:
-    fs, root = fsspec.core.url_to_fs(f"{run_dir.rstrip('/')}/eval")
-    paths = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".summary.json"))
-    out = []
-    for p in paths:
-        with fs.open(p) as f:
-            out.append(json.load(f))
-    return out
 
 
 DEMO_SETTINGS = [  # docs/TOY.md's recipe, one CPU per trial, evaluated every 10 epochs

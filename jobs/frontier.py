@@ -29,7 +29,6 @@ from passn import sweeps
 
 def read_results(directory: str) -> list[dict[str, Any]]:
     """Result rows of a sweep directory or of one training run directory."""
-    from jobs.demo import read_epoch_summaries
     from passn.config import load_config
 
     directory = directory.rstrip("/")
@@ -49,7 +48,7 @@ def read_results(directory: str) -> list[dict[str, Any]]:
         cfg = load_config(f"{directory}/config.yaml", [])  # local or s3://
         name = directory.rsplit("/", 1)[-1]
         return sweeps.result_rows(name, cfg.objective.kind, cfg.objective.budget, cfg.seed,
-                                  read_epoch_summaries(directory))
+                                  sweeps.read_epoch_summaries(directory))
     raise FileNotFoundError(f"{directory}: neither a sweep ({sweeps.SWEEP_FILE}) nor a training run "
                             "(config.yaml and eval/)")
 
@@ -63,7 +62,6 @@ def _trial_dirs(directory: str) -> dict[str, str]:
 
 
 def write_report(directories: list[str], out: str, epoch: int | None = None) -> dict[str, Any]:
-    from jobs.demo import read_epoch_summaries
     from passn import checkpoint as ckpt
     from passn import plots
 
@@ -87,7 +85,7 @@ def write_report(directories: list[str], out: str, epoch: int | None = None) -> 
     plots.plot_frontier(curves, front, str(local / "frontier.png"))
     for d in directories:
         for name, trial_dir in _trial_dirs(d).items():
-            summaries = read_epoch_summaries(trial_dir) if _exists(f"{trial_dir}/eval") else []
+            summaries = sweeps.read_epoch_summaries(trial_dir) if _exists(f"{trial_dir}/eval") else []
             if summaries:
                 picks = sorted({0, len(summaries) // 3, 2 * len(summaries) // 3, len(summaries) - 1})
                 plots.plot_confidence_by_epoch([summaries[i] for i in picks], str(local / f"confidence_{name}.png"),

@@ -29,7 +29,7 @@ from typing import Any
 import fsspec
 
 from passn import sweeps
-from passn.config import ConfigError, config_hash, load_config
+from passn.config import ConfigError, config_hash, load_config, load_config_text
 
 
 def plan(config: str | None, grid_specs: list[str], overrides: list[str]) -> dict[str, Any]:
@@ -74,24 +74,18 @@ def _exists(path: str) -> bool:
 def trial_config(spec: dict[str, Any], trial: dict[str, Any]):
     if spec["config_text"] is None:
         return load_config(None, trial["overrides"])
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        f.write(spec["config_text"])
-    try:
-        return load_config(f.name, trial["overrides"])
-    finally:
-        os.unlink(f.name)
+    return load_config_text(spec["config_text"], trial["overrides"], source=spec["config"])
 
 
 def run_trial(spec: dict[str, Any], trial: dict[str, Any], run_dir: str) -> list[dict[str, Any]]:
     """Train one trial (resuming from its checkpoints if any) and write its results file."""
-    from jobs.demo import read_epoch_summaries
     from jobs.train import run_training
 
     cfg = trial_config(spec, trial)
     trial_dir = f"{run_dir}/trials/{trial['name']}"
     run_training(cfg, trial_dir)
     rows = sweeps.result_rows(trial["name"], cfg.objective.kind, cfg.objective.budget, cfg.seed,
-                              read_epoch_summaries(trial_dir))
+                              sweeps.read_epoch_summaries(trial_dir))
     with fsspec.open(f"{trial_dir}/{sweeps.RESULTS_FILE}", "w") as f:  # written last: the trial's done marker
         f.writelines(json.dumps(r) + "\n" for r in rows)
     return rows

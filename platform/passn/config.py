@@ -14,7 +14,7 @@ import hashlib
 import json
 import re
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import IO, Annotated, Any, Literal
 
 import fsspec
 import yaml
@@ -344,15 +344,20 @@ def read_config_tree(path: str) -> dict[str, Any]:
     """The raw mapping in a YAML file (local path or URL)."""
     try:
         with fsspec.open(path, "rt", encoding="utf-8") as f:
-            tree = yaml.safe_load(f)
+            return _parse_config_tree(f, path)
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: no such configuration file") from exc
+
+
+def _parse_config_tree(stream: str | IO[str], source: str) -> dict[str, Any]:
+    try:
+        tree = yaml.safe_load(stream)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
     if tree is None:
         return {}
     if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections (model, task, objective, ...)")
+        raise ConfigError(f"{source}: the top level must be a mapping of sections (model, task, objective, ...)")
     return tree
 
 
@@ -366,8 +371,16 @@ def build_config(tree: dict[str, Any], source: str = "<dict>") -> RunConfig:
 def load_config(path: str | None = None, overrides: Sequence[str] | dict[str, Any] = ()) -> RunConfig:
     """Read ``path`` (YAML; None for the defaults), apply dotted ``overrides``, validate."""
     tree = read_config_tree(path) if path is not None else {}
+    return _with_overrides(tree, overrides, path or "defaults")
+
+
+def load_config_text(text: str, overrides: Sequence[str] | dict[str, Any] = (), source: str = "<text>") -> RunConfig:
+    """``load_config`` on YAML text already read (a sweep keeps its base config's text); errors name ``source``."""
+    return _with_overrides(_parse_config_tree(text, source), overrides, source)
+
+
+def _with_overrides(tree: dict[str, Any], overrides: Sequence[str] | dict[str, Any], source: str) -> RunConfig:
     tree = apply_overrides(tree, overrides)
-    source = path or "defaults"
     if overrides:
         source += " with overrides " + ", ".join(overrides if not isinstance(overrides, dict) else [f"{k}={v}" for k, v in overrides.items()])
     return build_config(tree, source)

@@ -34,16 +34,22 @@ def plot_pass_at_k(curves: Mapping[str, Mapping[int, float]], path: str, title: 
     plt.close(fig)
 
 
+def _stacked_histogram(ax, greedy: Mapping[str, Any]) -> list[float]:
+    """Problems per greedy-confidence bin, correct (green) under incorrect (red); returns the bin centers."""
+    edges: Sequence[float] = greedy["bin_edges"]
+    centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+    width = (edges[1] - edges[0]) * 0.9
+    ax.bar(centers, greedy["count_correct"], width=width, label="correct", color="tab:green")
+    ax.bar(centers, greedy["count_incorrect"], width=width, bottom=greedy["count_correct"], label="incorrect",
+           color="tab:red")
+    return centers
+
+
 def plot_confidence(summary: Mapping[str, Any], path: str, title: str = "greedy confidence") -> None:
     """Histogram of greedy confidence split by correctness, and the calibration per bin."""
     plt = _pyplot()
-    edges: Sequence[float] = summary["bin_edges"]
-    centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
-    width = edges[1] - edges[0]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
-    left.bar(centers, summary["count_correct"], width=width * 0.9, label="correct", color="tab:green")
-    left.bar(centers, summary["count_incorrect"], width=width * 0.9, bottom=summary["count_correct"],
-             label="incorrect", color="tab:red")
+    centers = _stacked_histogram(left, summary)
     left.set_xlabel("confidence of the greedy answer")
     left.set_ylabel("problems")
     left.legend()
@@ -93,13 +99,7 @@ def plot_confidence_by_epoch(summaries: Sequence[Mapping[str, Any]], path: str, 
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(summaries), figsize=(3.2 * len(summaries), 3.2), dpi=120, squeeze=False)
     for ax, s in zip(axes[0], summaries):
-        g = s["greedy"]
-        edges = g["bin_edges"]
-        centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
-        width = (edges[1] - edges[0]) * 0.9
-        ax.bar(centers, g["count_correct"], width=width, color="tab:green", label="correct")
-        ax.bar(centers, g["count_incorrect"], width=width, bottom=g["count_correct"], color="tab:red",
-               label="incorrect")
+        _stacked_histogram(ax, s["greedy"])
         ax.set_title(f"epoch {s['epoch']}", fontsize=9)
         ax.set_xlabel("greedy confidence")
     axes[0][0].set_ylabel("problems")

@@ -4,6 +4,7 @@ frontier and the training budget it recommends.
     grid = parse_grid(["objective.kind=ce,dco", "objective.budget=1,16,256", "seed=0,1"])
     trials = expand(grid)                     # [{"objective.kind": "ce", ...}, ...] in grid order
     name = trial_name(trials[0])              # "kind=ce_budget=1_seed=0"
+    summaries = read_epoch_summaries(run_dir) # RUN_DIR/eval/*.summary.json, oldest epoch first
     rows = result_rows(name, cfg, summaries)  # one row per epoch x k
     table = frontier(rows)                    # for each test budget N, the best trial's pass@N
 
@@ -14,10 +15,13 @@ A sweep directory holds ``sweep.json`` (the base config and the grid), and per t
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import re
 from collections.abc import Sequence
 from typing import Any
+
+import fsspec
 
 from passn import coverage
 
@@ -56,6 +60,18 @@ def trial_name(overrides: dict[str, str]) -> str:
     last = [k.rsplit(".", 1)[-1] for k in overrides]
     parts = [f"{k if last.count(short) > 1 else short}={v}" for (k, v), short in zip(overrides.items(), last)]
     return re.sub(r"[^A-Za-z0-9._=-]", "-", "_".join(parts)) or "base"
+
+
+def read_epoch_summaries(run_dir: str) -> list[dict[str, Any]]:
+    """A training run's per-epoch evaluation summaries (``RUN_DIR/eval/*.summary.json``, local or a
+    URL), oldest epoch first."""
+    fs, root = fsspec.core.url_to_fs(f"{run_dir.rstrip('/')}/eval")
+    paths = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".summary.json"))
+    out = []
+    for p in paths:
+        with fs.open(p) as f:
+            out.append(json.load(f))
+    return out
 
 
 def result_rows(trial: str, objective: str, budget: float, seed: int,

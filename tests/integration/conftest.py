@@ -18,7 +18,8 @@ import pytest
 ROOT = Path(__file__).parents[2]
 
 
-def free_ports(count: int) -> list[int]:
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free TCP ports on 127.0.0.1 (all bound at once, so no two are the same)."""
     sockets = [socket.socket() for _ in range(count)]
     for s in sockets:
         s.bind(("127.0.0.1", 0))
@@ -26,6 +27,12 @@ def free_ports(count: int) -> list[int]:
     for s in sockets:
         s.close()
     return ports
+
+
+@pytest.fixture(scope="session")
+def free_ports():
+    """``free_ports(count)``: distinct free ports for servers a test starts."""
+    return _free_ports
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,7 @@ def s3_server(tmp_path_factory) -> S3Server:
     (root / "s3.json").write_text(json.dumps({"identities": [{
         "name": "passn", "credentials": [{"accessKey": access, "secretKey": secret}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    s3, master, volume, filer, s3g, mg, vg, fg = free_ports(8)
+    s3, master, volume, filer, s3g, mg, vg, fg = _free_ports(8)
     cmd = [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-bucket=passn",
            f"-s3.config={root / 's3.json'}", "-admin.ui=false", f"-s3.port={s3}", f"-s3.port.grpc={s3g}",
            f"-master.port={master}", f"-master.port.grpc={mg}", f"-volume.port={volume}",

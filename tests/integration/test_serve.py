@@ -6,7 +6,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,14 +24,8 @@ ROOT = Path(__file__).parents[2]
 TOKEN = "test-token-not-a-secret"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, free_ports):
     root = tmp_path_factory.mktemp("serve")
     models = {}
     for seed in (0, 1):
@@ -41,7 +34,7 @@ def server(tmp_path_factory):
         tokenizer.save_pretrained(root / f"m{seed}")
         models[seed] = (model.eval(), tokenizer)
     (root / "token").write_text(TOKEN + "\n")
-    port = free_port()
+    [port] = free_ports(1)
     log = open(root / "serve.log", "w+")
     env = {**os.environ, "PASSN_SERVE_TOKEN": ""}
     proc = subprocess.Popen(

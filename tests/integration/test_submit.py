@@ -5,7 +5,6 @@ read back; a wrong token is refused with a clear message."""
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,19 +18,13 @@ ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
+def head(tmp_path_factory, free_ports):
     root = tmp_path_factory.mktemp("head")
     token = secrets.token_hex(16)
     (root / "token").write_text(token + "\n")
     (root / "wrong").write_text("not-the-token\n")
-    gcs, dashboard = free_port(), free_port()
+    gcs, dashboard = free_ports(2)
     # the cluster's `python` is this environment's, as an image's would be on a real cluster
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from passn.config import ConfigError, RunConfig, config_hash, load_config, parse_override
+from passn.config import ConfigError, RunConfig, config_hash, load_config, load_config_text, parse_override
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 
@@ -26,6 +26,21 @@ def test_yaml_then_overrides(tmp_path):
     cfg = load_config(str(path), ["objective.budget=64", "evaluation.k_grid=[1, 16]", "task.seed=3"])
     assert (cfg.objective.kind, cfg.objective.budget, cfg.optim.epochs) == ("dco", 64, 2)
     assert cfg.evaluation.k_grid == [1, 16] and cfg.task.seed == 3
+
+
+def test_yaml_text_loads_as_its_file_does(tmp_path):
+    text = "objective:\n  kind: dco\n  budget: 16\noptim:\n  epochs: 2\n"
+    (tmp_path / "run.yaml").write_text(text)
+    overrides = ["objective.budget=64", "task.seed=3"]
+    assert load_config_text(text, overrides) == load_config(str(tmp_path / "run.yaml"), overrides)
+    assert load_config_text("") == load_config()
+    with pytest.raises(ConfigError) as err:
+        load_config_text(text, ["objective.budgt=3"], source="configs/sweep-base.yaml")
+    assert "invalid configuration (configs/sweep-base.yaml with overrides objective.budgt=3)" in str(err.value)
+    with pytest.raises(ConfigError, match="^configs/sweep-base.yaml: not valid YAML"):
+        load_config_text("objective: [1, 2\n", source="configs/sweep-base.yaml")
+    with pytest.raises(ConfigError, match="^<text>: the top level must be a mapping"):
+        load_config_text("- 1\n")
 
 
 def test_override_values_are_yaml():

@@ -63,6 +63,14 @@ def test_frontier_on_hand_made_results(tmp_path):
     assert [(f["N"], f["trial"]) for f in at_epoch_1] == [(1, "ce"), (16, "ce"), (256, "ce")]
 
 
+def test_epoch_summaries_are_read_in_epoch_order(tmp_path):
+    (tmp_path / "eval").mkdir()
+    for epoch in (10, 2, 1):  # written out of order; the zero-padded names sort by epoch
+        (tmp_path / "eval" / f"epoch_{epoch:03d}.summary.json").write_text(json.dumps({"epoch": epoch}))
+    (tmp_path / "eval" / "epoch_001.jsonl").write_text("{}\n")  # per-problem rows: not a summary
+    assert sweeps.read_epoch_summaries(str(tmp_path) + "/") == [{"epoch": 1}, {"epoch": 2}, {"epoch": 10}]
+
+
 def test_recommend_picks_the_nearest_budget_on_a_log_scale():
     front = [{"N": 1, "train_budget": 1}, {"N": 16, "train_budget": 16}, {"N": 256, "train_budget": 256}]
     assert [sweeps.recommend(front, n)["train_budget"] for n in (1, 3, 5, 16, 60, 70, 1000)] == \
