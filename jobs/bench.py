@@ -4,6 +4,7 @@
     passn bench train      (CUDA) passn's Ray Train + DeepSpeed path vs a plain PyTorch loop
     passn bench sample     vLLM vs transformers sampling (CPU); transformers engine vs generate (CUDA)
     passn bench prove      Coq tactics/s: one worker, the prover pool; rollouts/s with a model
+    passn bench dcoa       DCOa step time with the co-located sampler pool: synchronous, staleness 1
 """
 
 from __future__ import annotations
@@ -188,8 +189,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                           "dozen common answers per problem)")
     cov.add_argument("--out", help="also write the figures as JSON here")
     cov.set_defaults(run=_coverage_command)
-    from jobs import bench_prove, bench_sample, bench_train
+    from jobs import bench_dcoa, bench_prove, bench_sample, bench_train
 
     bench_train.add_parser(kinds)
     bench_sample.add_parser(kinds)
     bench_prove.add_parser(kinds)
+    bench_dcoa.add_parser(kinds)

@@ -53,7 +53,7 @@ class OnlineSampler:
         self.staleness = cfg.objective.staleness
         self.cache = MonteCarloCache()  # dcoa
         self.rollouts: dict[int, list[Rollout]] = {}  # dr_grpo
-        self.pool = None
+        self.pool = self.verifier = None
         self.folder = Path(tempfile.mkdtemp(prefix=f"passn-policy-rank{rank}-"))
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="passn-prefetch")
         self.pending: tuple[Future, int] | None = None  # a background draw and its policy version
@@ -74,6 +74,11 @@ class OnlineSampler:
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
             from actors.sampler import SamplerPool
+            from actors.verifier import VerifierPool
+            from passn.tasks import MathTask
+
+            if isinstance(self.task, MathTask):  # math-verify on Ray actors, bounded, one cache per worker
+                self.verifier = VerifierPool(mode=self.cfg.task.answer_check)
 
             here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
             self.pool = SamplerPool(
@@ -111,7 +116,8 @@ class OnlineSampler:
         problems = [self.problems[i] for i in indices]
         prompts = [self.task.render_prompt(p) for p in problems]
         self.draws += 1
-        seed = self.cfg.sampling.seed + 1_000_003 * version + 7919 * self.rank + self.draws
+        # a function of what is drawn, not of how many draws came before: a resumed run draws the same
+        seed = self.cfg.sampling.seed + 1_000_003 * version + 7919 * self.rank + indices[0]
         completions, skipped = self.pool.generate(prompts, self.samples, self.cfg.sampling.temperature,
                                                   self.cfg.sampling.max_new_tokens, seed=seed)
         if skipped:
@@ -120,7 +126,11 @@ class OnlineSampler:
                              "sampling.max_new_tokens or raise the model's max_position_embeddings")
         groups = group_by_prompt(completions, len(prompts))
         texts = [c.text for g in groups for c in g]
-        verdicts = self.task.check_many([p for p, g in zip(problems, groups) for _ in g], texts)
+        references = [p for p, g in zip(problems, groups) for _ in g]
+        if self.verifier is not None:
+            verdicts = self.verifier.check_many([(self.task.extract(t), p.answer) for p, t in zip(references, texts)])
+        else:  # the synthetic task: an exact comparison in this process
+            verdicts = self.task.check_many(references, texts)
         draw: Draw = {}
         position = 0
         for index, group in zip(indices, groups):
@@ -211,6 +221,7 @@ class OnlineSampler:
         if self.pending is not None:
             self.pending[0].cancel()
         self.executor.shutdown(wait=True, cancel_futures=True)
-        if self.pool is not None:
-            self.pool.shutdown()
+        for pool in (self.pool, self.verifier):
+            if pool is not None:
+                pool.shutdown()
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -323,6 +323,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     engine = engine_cls(model, cfg, micro_batches, device)
     stream = CandidateStream(len(train_examples), cfg.optim.epochs, cfg.seed)
     steps_total = cfg.optim.epochs * len(train_examples) // cfg.optim.sequences_per_step
+    if cfg.objective.kind == "dr_grpo":  # after the CE warm-up a step consumes sequences_per_step / G prompts
+        warm = min(cfg.objective.ce_warmup_steps, steps_total)
+        prompts_per_step = cfg.optim.sequences_per_step // cfg.objective.group_size
+        steps_total = warm + (cfg.optim.epochs * len(train_examples) - warm * cfg.optim.sequences_per_step) // prompts_per_step
     step = 0
     pad = tokenizer.pad_token_id
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.train import read_metrics, run_training
+from jobs.train import FAULT_ENV, read_metrics, run_training
 from passn.config import load_config
 
 pytestmark = pytest.mark.integration
@@ -35,6 +35,7 @@ def dcoa(model: str, *overrides: str):
     # N' = 256 and threshold 0.05 drop candidates with p_MC above ~0.08: many, for this model
     return load_config(DCOA, ["model.tiny=null", f"model.path={model}", "objective.budget=256",
                               "objective.refill_threshold=0.05", "objective.ce_warmup_steps=1",
+                              "optim.sequences_per_step=32", "optim.micro_sequences_per_worker=16",
                               *TASK, "optim.epochs=1",
                               "evaluation.samples_per_problem=16", "evaluation.k_grid=[1,16]", *overrides])
 
@@ -78,6 +79,19 @@ def test_a_killed_sampler_actor_loses_and_double_counts_nothing(pretrained, dcoa
     _, reference = dcoa_run
     keys = ("loss", "dropped", "candidates", "p_mc_mean", "sampled_tokens")
     assert [{k: r.get(k) for k in keys} for r in rows] == [{k: r.get(k) for k in keys} for r in reference]
+
+
+def test_a_killed_worker_resumes_with_its_cache_and_a_re_synced_pool(pretrained, dcoa_run, tmp_path, monkeypatch):
+    monkeypatch.setenv(FAULT_ENV, "1:3")  # rank 1 dies after step 3; the last checkpoint is step 2
+    run_dir = str(tmp_path / "run")
+    rows = run_training(dcoa(pretrained, "resources.sampler_check_every=1", "storage.checkpoint_every_steps=2"),
+                        run_dir)
+    # the retried worker group resumed from step 2 (its p_MC cache and pool version in online.json),
+    # created its pool from the resumed weights before sampling, and then ran exactly as before
+    _, reference = dcoa_run
+    keys = ("loss", "dropped", "candidates", "p_mc_mean", "sampled_tokens", "pool_version")
+    assert [{k: r.get(k) for k in keys} for r in rows] == [{k: r.get(k) for k in keys} for r in reference]
+    assert all(r["sync_logp_gap"] <= 1e-4 for r in rows[1:])
 
 
 def test_dr_grpo_trains_balanced_rollout_groups(pretrained, tmp_path):
