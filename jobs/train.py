@@ -71,10 +71,7 @@ def held_out_problems(task: Task, cfg: RunConfig) -> list:
 
 def check_before_training(cfg: RunConfig, run_dir: str) -> None:
     """Everything that can fail on bad input, checked in the driver before workers start."""
-    if cfg.objective.whole_proof and cfg.task.kind == "coq":
-        raise ConfigError("objective.whole_proof (one weight per proof) is not implemented: the training loop draws "
-                          "proof steps independently, so a proof's steps are not in one batch; use dco_step")
-    if cfg.objective.whole_proof:
+    if cfg.objective.whole_proof and cfg.task.kind != "coq":
         raise ConfigError("objective.whole_proof needs a task made of proofs (the Coq task); the "
                           f"{cfg.task.kind} task has single-step examples: set objective.whole_proof = false")
     task = build_task(cfg, run_dir)
@@ -273,7 +270,7 @@ def _per_sequence_loss(cfg: RunConfig, token_logp_BT, mask_BT, values_B=None, ki
     """(loss_B, weight_B) of ``kind`` (default: the configured objective). ``values_B``: numbers
     fixed before the step: the DCOa weight F(N', p_MC), the Dr. GRPO advantage."""
     kind, norm = kind or cfg.objective.kind, cfg.objective.ce_normalisation
-    if kind == "dcoa":
+    if kind == "dcoa" or (kind == "dco_step" and cfg.objective.whole_proof):
         return objectives.weighted_ce_loss(token_logp_BT, mask_BT, values_B, norm), values_B
     if kind == "dr_grpo":  # -A_i sum_t log p; summed over a step's rollouts / rollouts = mean over prompts of -J
         loss_B = objectives.dr_grpo_loss(token_logp_BT, mask_BT, values_B, group_size=1)
@@ -397,6 +394,26 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         dist.all_gather_object(out, obj)
         return out
 
+    # whole-proof DCO: every candidate step is weighed by its whole proof's probability, the product
+    # of the probabilities of all the proof's steps in the training data (computed without gradients)
+    proof_of: list[str] = [str(p.meta.get("theorem")) for p in task.problems("train")] if cfg.objective.whole_proof else []
+    steps_of: dict[str, list[int]] = {}
+    for i, proof in enumerate(proof_of):
+        steps_of.setdefault(proof, []).append(i)
+
+    def proof_logprobs(proofs: set[str]) -> dict[str, float]:
+        ordered = sorted(proofs)
+        members = [j for proof in ordered for j in steps_of[proof]]
+        engine.module.eval()
+        with torch.no_grad():
+            logp = evaluation.sequence_logprobs(engine.module, [train_examples[j] for j in members], pad, batch_size=micro)
+        engine.module.train()
+        out, position = {}, 0
+        for proof in ordered:
+            out[proof] = float(logp[position : position + len(steps_of[proof])].sum())
+            position += len(steps_of[proof])
+        return out
+
     online = None
     if cfg.objective.kind in ("dcoa", "dr_grpo"):
         from jobs.online import OnlineSampler
@@ -484,6 +501,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 rewards = torch.tensor([[r.reward for r in g] for g in groups])
                 weights = objectives.balanced_groups(rewards).double().tolist()  # batch balancing
                 threshold = 1.0
+            elif cfg.objective.whole_proof:  # F(N, prod of the step probabilities of the candidate's proof)
+                local = window[rank::world]
+                proof_logp = proof_logprobs({proof_of[i] for i in local})
+                w_local = objectives.coverage_weight_from_logp(
+                    cfg.objective.budget, torch.tensor([proof_logp[proof_of[i]] for i in local], dtype=torch.float64))
+                weights = [0.0] * len(window)
+                for r, part in enumerate(gather(w_local.tolist())):
+                    weights[r::world] = part
             elif needs_weights_first:
                 local = window[rank::world]
                 with torch.no_grad():
@@ -508,7 +533,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     chosen += [(Example(f"{train_examples[window[p]].uid}#{j}", prompt + r.token_ids, len(prompt)), a)
                                for j, (r, a) in enumerate(zip(groups[p], advantages))]
             else:
-                chosen += [(train_examples[window[p]], weights[p] if kind == "dcoa" else 1.0) for p in outcome.chosen]
+                fixed = kind == "dcoa" or cfg.objective.whole_proof  # weights fixed before the step
+                chosen += [(train_examples[window[p]], weights[p] if fixed else 1.0) for p in outcome.chosen]
             if kind == "dcoa" and not warm_up:
                 looked_at += estimates[: outcome.consumed]
             dropped += outcome.dropped
