@@ -24,7 +24,9 @@ import ray
 
 from passn.sampling import Completion, Skipped, Work, plan_work
 
-FAULT_ENV = "PASSN_FAULT_SAMPLER_DIE_ONCE"  # a marker path: the first request that finds it absent kills its actor
+# fault injection: "PATH" or "PATH:V": the first request (to an actor holding policy version >= V)
+# that finds the marker file PATH absent creates it and kills its actor
+FAULT_ENV = "PASSN_FAULT_SAMPLER_DIE_ONCE"
 HANG_ENV = "PASSN_FAULT_SAMPLER_HANG_ONCE"  # a marker path: the first request that finds it absent hangs
 ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_NO_USAGE_STATS": "1", "VLLM_LOGGING_LEVEL": "WARNING",
               "TOKENIZERS_PARALLELISM": "false"}
@@ -34,7 +36,7 @@ class VLLMEngine:
     """An in-process vLLM engine (explicit KV-cache size, eager mode)."""
 
     def __init__(self, model_dir: str, max_model_len: int, kv_cache_bytes: int, dtype: str, seed: int,
-                 sleep_when_idle: bool = False) -> None:
+                 sleep_when_idle: bool = False, gpu_memory_utilization: float | None = None) -> None:
         os.environ.update(ENGINE_ENV)
         from vllm import LLM
 
@@ -42,7 +44,10 @@ class VLLMEngine:
         # memory, KV cache freed), so a training worker sharing the GPU gets the memory back
         self.llm = LLM(model=model_dir, dtype=dtype, max_model_len=max_model_len, seed=seed,
                        kv_cache_memory_bytes=kv_cache_bytes, enforce_eager=True, trust_remote_code=False,
-                       **({"enable_sleep_mode": True} if sleep_when_idle else {}))
+                       **({"enable_sleep_mode": True} if sleep_when_idle else {}),
+                       # on a GPU shared with a trainer: vLLM refuses to start unless this share of
+                       # the whole GPU is free (its default asks for 0.9)
+                       **({"gpu_memory_utilization": gpu_memory_utilization} if gpu_memory_utilization else {}))
         self.tokenizer = self.llm.get_tokenizer()
         self.sleep_when_idle = sleep_when_idle
         if sleep_when_idle:
@@ -80,7 +85,8 @@ class TransformersEngine:
     shrinking batches): for machines where vLLM cannot run."""
 
     def __init__(self, model_dir: str, max_model_len: int, kv_cache_bytes: int, dtype: str, seed: int,
-                 sleep_when_idle: bool = False, max_rows: int = 512) -> None:
+                 sleep_when_idle: bool = False, gpu_memory_utilization: float | None = None,
+                 max_rows: int = 512) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -129,20 +135,26 @@ class TransformersEngine:
 ENGINES = {"vllm": VLLMEngine, "transformers": TransformersEngine}
 
 
+class StaleVersion(RuntimeError):
+    """A request needs another policy version than the actor holds (e.g. restarted since a push)."""
+
+
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class SamplerActor:
     """One engine (vLLM or transformers). Thin: requests in, Completions out."""
 
     def __init__(self, backend: str, model_dir: str, max_model_len: int, kv_cache_bytes: int, dtype: str,
-                 seed: int, version: int = 0, sleep_when_idle: bool = False) -> None:
-        self.engine = ENGINES[backend](model_dir, max_model_len, kv_cache_bytes, dtype, seed, sleep_when_idle)
+                 seed: int, version: int = 0, sleep_when_idle: bool = False,
+                 gpu_memory_utilization: float | None = None) -> None:
+        self.engine = ENGINES[backend](model_dir, max_model_len, kv_cache_bytes, dtype, seed, sleep_when_idle,
+                                       gpu_memory_utilization)
         self.tokenizer = self.engine.tokenizer
         self.model_dir, self.version, self.max_model_len = model_dir, version, max_model_len
 
     def generate(self, prompts: Sequence[tuple[int, str]], work: Work, temperature: float, max_new_tokens: int,
                  seed: int, version: int | None) -> tuple[list[Completion], list[Skipped]]:
-        fault = os.environ.get(FAULT_ENV)
-        if fault and not os.path.exists(fault):  # fault injection for tests: die once, mid-request
+        fault, _, armed_at = os.environ.get(FAULT_ENV, "").partition(":")
+        if fault and not os.path.exists(fault) and self.version >= int(armed_at or 0):  # die once, mid-request
             open(fault, "w").close()
             os._exit(1)
         hang = os.environ.get(HANG_ENV)
@@ -150,7 +162,7 @@ class SamplerActor:
             open(hang, "w").close()
             time.sleep(3600)
         if version is not None and version != self.version:
-            raise RuntimeError(f"sampler holds policy version {self.version}, the request needs {version}")
+            raise StaleVersion(f"sampler holds policy version {self.version}, the request needs {version}")
         accepted, skipped = [], []
         for index, text in prompts:
             ids = self.tokenizer(text).input_ids
@@ -193,7 +205,7 @@ class SamplerPool:
                  cpus_per_actor: float = 0.5, gpus_per_actor: float = 0.0, prompts_per_unit: int = 64,
                  max_samples_per_request: int = 256, max_retries: int = 3,
                  unit_timeout_s: float | None = None, version: int = 0, scheduling_strategy: Any = None,
-                 sleep_when_idle: bool = False) -> None:
+                 sleep_when_idle: bool = False, start_timeout_s: float | None = None) -> None:
         env = {**ENGINE_ENV, **{k: os.environ[k] for k in (FAULT_ENV, HANG_ENV) if k in os.environ}}
         options = {"num_cpus": cpus_per_actor, "num_gpus": gpus_per_actor, "runtime_env": {"env_vars": env}}
         if scheduling_strategy is not None:  # e.g. pinned to the node of the training worker that owns it
@@ -201,12 +213,21 @@ class SamplerPool:
         if backend not in ENGINES:
             raise ValueError(f"sampler backend {backend!r}: expected one of {sorted(ENGINES)}")
         self.actors = [SamplerActor.options(**options).remote(backend, model_dir, max_model_len, kv_cache_bytes,
-                                                              dtype, seed, version, sleep_when_idle)
+                                                              dtype, seed, version, sleep_when_idle,
+                                                              gpus_per_actor or None)
                        for _ in range(num_actors)]
         self.model_dir, self.version, self.backend = model_dir, version, backend
         self.prompts_per_unit, self.max_samples = prompts_per_unit, max_samples_per_request
         self.max_retries, self.unit_timeout_s = max_retries, unit_timeout_s
-        ray.get([a.state.remote() for a in self.actors])  # engines are up
+        up = [a.state.remote() for a in self.actors]
+        _, pending = ray.wait(up, num_returns=len(up), timeout=start_timeout_s)
+        if pending:  # e.g. no node with the requested resources free: never wait forever
+            for actor in self.actors:
+                ray.kill(actor)
+            raise TimeoutError(f"{len(pending)} of {num_actors} sampler actors ({options['num_cpus']} CPU, "
+                               f"{options['num_gpus']} GPU each) not up after {start_timeout_s} s: are those resources "
+                               "free on the node they are pinned to?")
+        ray.get(up)  # engines are up (or their errors)
 
     def generate(self, prompts: Sequence[str], samples_per_prompt: int, temperature: float, max_new_tokens: int,
                  seed: int = 0) -> tuple[list[Completion], list[Skipped]]:
@@ -243,7 +264,8 @@ class SamplerPool:
                 u, _ = running.pop(ready[0])
                 try:
                     done, skip = ray.get(ready[0])
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, StaleVersion) as exc:
+                    # a dead actor, or one restarted since the last push: the unit runs again after a resync
                     self._failed(attempts, u, type(exc).__name__)
                     continue
                 completions += done
@@ -282,13 +304,27 @@ class SamplerPool:
         Past ``timeout_s`` this raises (naming the actors not done) rather than leave a stale pool;
         requests keep carrying the old version, so a half-synced pool refuses them too.
         """
-        refs = [a.load_weights.remote(model_dir, version) for a in self.actors]
-        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        if pending:
-            late = [i for i, r in enumerate(refs) if r in pending]
-            raise TimeoutError(f"weight sync to version {version} ({model_dir}) not done by sampler actors {late} "
-                               f"after {timeout_s} s: stopping rather than sample from a stale policy")
-        ray.get(ready)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        todo = dict(enumerate(self.actors))
+        for attempt in range(self.max_retries + 1):
+            refs = {i: a.load_weights.remote(model_dir, version) for i, a in todo.items()}
+            wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
+            _, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=wait_s)
+            if pending:
+                late = [i for i, r in refs.items() if r in pending]
+                raise TimeoutError(f"weight sync to version {version} ({model_dir}) not done by sampler actors "
+                                   f"{late} after {timeout_s} s: stopping rather than sample from a stale policy")
+            failed = {}
+            for i, ref in refs.items():
+                try:
+                    ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                    failed[i] = todo[i]  # died during the load: Ray restarts it; load again
+            if not failed:
+                break
+            if attempt == self.max_retries:
+                raise RuntimeError(f"sampler actors {sorted(failed)} died {attempt + 1} times loading {model_dir}")
+            todo = failed
         self.model_dir, self.version = model_dir, version
 
     def gpu_peak_bytes(self) -> list[int]:

@@ -12,7 +12,7 @@ and the results are all-gathered, so every worker holds the same Monte Carlo cac
 same keep/drop decisions. With ``objective.staleness: 1`` a worker's pool samples the next
 step's candidates in a background thread while the worker trains the current step.
 
-    online = OnlineSampler(cfg, task, problems, tokenizer, export_weights, limit)
+    online = OnlineSampler(cfg, task, problems, tokenizer, module, export_weights, limit, rank, world, gather)
     estimates = online.estimates(window, trainer_version=step)   # DCOa: p_MC per candidate
     groups = online.groups(window, trainer_version=step)         # Dr. GRPO: G rollouts per prompt
 """
@@ -57,13 +57,14 @@ class OnlineSampler:
         self.folder = Path(tempfile.mkdtemp(prefix=f"passn-policy-rank{rank}-"))
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="passn-prefetch")
         self.pending: tuple[Future, int] | None = None  # a background draw and its policy version
+        self.origin: Path | None = None  # the folder the pool was created from: a restarted actor loads it
         self.draws = self.syncs = 0
         self.metrics: dict[str, float] = {}
 
     # -- the pool and its weights ------------------------------------------------------------------
-    def _ensure(self, trainer_version: int, oldest: int) -> None:
-        """The pool holds a version >= ``oldest``; else it gets the trainer's current weights."""
-        if self.pool is not None and self.pool.version >= oldest:
+    def _ensure(self, trainer_version: int) -> None:
+        """The pool holds the trainer's current weights (version ``trainer_version``)."""
+        if self.pool is not None and self.pool.version == trainer_version:
             return
         started = time.perf_counter()
         target = self.folder / f"v{trainer_version}"
@@ -86,11 +87,14 @@ class OnlineSampler:
                 kv_cache_bytes=r.sampler_kv_cache_mb << 20, dtype=self.cfg.model.dtype,
                 seed=self.cfg.sampling.seed + self.rank, cpus_per_actor=r.sampler_cpus,
                 gpus_per_actor=r.sampler_gpu_fraction, version=trainer_version, scheduling_strategy=here,
-                sleep_when_idle=r.sampler_gpu_fraction > 0)
+                sleep_when_idle=r.sampler_gpu_fraction > 0, unit_timeout_s=r.sampler_unit_timeout_s,
+                start_timeout_s=r.sampler_sync_timeout_s)
+            self.origin = target
         else:
             previous = Path(self.pool.model_dir)
             self.pool.load_weights(str(target), trainer_version, timeout_s=r.sampler_sync_timeout_s)
-            shutil.rmtree(previous, ignore_errors=True)  # kept until now: a restarted actor reloads it
+            if previous != self.origin:  # a restarted actor starts from the origin, then the pool resyncs it
+                shutil.rmtree(previous, ignore_errors=True)
         self.syncs += 1
         self._add("sync_s", time.perf_counter() - started)
         self._add("syncs", 1)
@@ -138,9 +142,14 @@ class OnlineSampler:
             position += len(group)
         return draw, time.perf_counter() - started, sum(c.num_tokens for c in completions)
 
-    def _merge(self, local: tuple[Draw, float, int], version: int, overlapped: bool) -> None:
-        """All workers' shares of one draw into every worker's cache."""
+    def _merge(self, local: tuple[Draw, float, int] | str, version: int, overlapped: bool) -> None:
+        """All workers' shares of one draw into every worker's cache. ``local`` is this worker's
+        share, or its error message: an error on one worker is raised on every worker, so none
+        waits in a collective for one that has failed."""
         parts = self.gather(local)
+        errors = [f"worker {rank}: {part}" for rank, part in enumerate(parts) if isinstance(part, str)]
+        if errors:
+            raise RuntimeError("online sampling failed on " + "; ".join(errors))
         for draw, _, _ in parts:
             for index, samples in draw.items():
                 if self.kind == "dcoa":
@@ -155,7 +164,9 @@ class OnlineSampler:
         if self.pending is not None:
             future, version = self.pending
             self.pending = None
-            self._merge(future.result(), version, overlapped=True)
+            self._merge(_outcome(future.result), version, overlapped=True)
+
+    settle = _collect_prefetch  # before a checkpoint: the background draw joins the cache
 
     def _fresh(self, indices: Sequence[int], trainer_version: int) -> list[int]:
         if self.kind == "dcoa":
@@ -169,9 +180,12 @@ class OnlineSampler:
         self._collect_prefetch()
         need = self._fresh(indices, trainer_version)  # the same on every worker: the caches are equal
         if need:
-            self._ensure(trainer_version, trainer_version - self.staleness)
-            version = self.pool.version
-            self._merge(self._draw(need[self.rank :: self.world], version), version, overlapped=False)
+            def draw():  # a draw the trainer waits for uses its current weights, whatever the staleness
+                self._ensure(trainer_version)
+                return self._draw(need[self.rank :: self.world], self.pool.version)
+
+            local = _outcome(draw)
+            self._merge(local, trainer_version if isinstance(local, str) else self.pool.version, overlapped=False)
 
     def estimates(self, indices: Sequence[int], trainer_version: int) -> list[Estimate]:
         """DCOa: p_MC of each candidate from samples at most ``staleness`` versions old."""
@@ -191,7 +205,13 @@ class OnlineSampler:
         need = self._fresh(indices, trainer_version + 1)
         if not need:
             return
-        self._ensure(trainer_version, trainer_version)
+        assert self.pending is None, "a prefetch is already running"
+        error = _outcome(lambda: self._ensure(trainer_version))
+        if isinstance(error, str):  # reported by every worker at the next collect
+            failed: Future = Future()
+            failed.set_exception(RuntimeError(error))
+            self.pending = (failed, trainer_version)
+            return
         version = self.pool.version
         self.pending = (self.executor.submit(self._draw, need[self.rank :: self.world], version), version)
 
@@ -211,17 +231,29 @@ class OnlineSampler:
         return out
 
     def state(self) -> dict[str, Any]:
-        return {"p_mc_cache": self.cache.to_json(), "pool_version": None if self.pool is None else self.pool.version}
+        """What a checkpoint keeps (call ``settle`` first, on every worker)."""
+        return {"p_mc_cache": self.cache.to_json(),
+                "rollouts": {str(i): [[list(r.token_ids), r.reward, r.version] for r in g] for i, g in self.rollouts.items()},
+                "pool_version": None if self.pool is None else self.pool.version}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        """The cache of a checkpoint; the pool is created (or re-synced) before its first sample."""
+        """The samples of a checkpoint; the pool is created from the resumed weights, tagged with
+        the resumed step, before its first sample (``pool_version`` is informational)."""
         self.cache = MonteCarloCache.from_json(state["p_mc_cache"])
+        self.rollouts = {int(i): [Rollout(tuple(t), reward, version) for t, reward, version in g]
+                         for i, g in state.get("rollouts", {}).items()}
 
     def close(self) -> None:
-        if self.pending is not None:
-            self.pending[0].cancel()
-        self.executor.shutdown(wait=True, cancel_futures=True)
-        for pool in (self.pool, self.verifier):
+        for pool in (self.pool, self.verifier):  # first: a running background draw then ends at once
             if pool is not None:
                 pool.shutdown()
+        self.executor.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _outcome(fn: Callable[[], Any]) -> Any:
+    """``fn()``, or its error as a message (to be all-gathered rather than raised on one worker)."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {exc}"

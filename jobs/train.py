@@ -71,6 +71,9 @@ def held_out_problems(task: Task, cfg: RunConfig) -> list:
 
 def check_before_training(cfg: RunConfig, run_dir: str) -> None:
     """Everything that can fail on bad input, checked in the driver before workers start."""
+    if cfg.objective.whole_proof and cfg.resources.zero_stage == 3 and cfg.resources.backend == "deepspeed":
+        raise ConfigError("objective.whole_proof forwards each worker's proofs without gradients, a different number "
+                          "of batches per worker, which ZeRO-3's collective forwards cannot do: use zero_stage <= 2")
     if cfg.objective.whole_proof and cfg.task.kind != "coq":
         raise ConfigError("objective.whole_proof needs a task made of proofs (the Coq task); the "
                           f"{cfg.task.kind} task has single-step examples: set objective.whole_proof = false")
@@ -78,6 +81,13 @@ def check_before_training(cfg: RunConfig, run_dir: str) -> None:
     tokenizer, limit = load_tokenizer(cfg.model)  # the driver never loads the weights
     for problems in (task.problems("train"), held_out_problems(task, cfg)):
         encode_examples(tokenizer, task, problems, limit)
+    if cfg.objective.kind in ("dcoa", "dr_grpo"):  # the pool samples every training prompt
+        for problem in task.problems("train"):
+            length = len(tokenizer(task.render_prompt(problem)).input_ids) + cfg.sampling.max_new_tokens
+            if length > limit:
+                raise ConfigError(f"training problem {problem.uid}: its prompt and sampling.max_new_tokens "
+                                  f"({cfg.sampling.max_new_tokens}) make {length} tokens, above the model's {limit}: "
+                                  "lower sampling.max_new_tokens")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,8 +369,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         (local / "rng").mkdir()
         (local / "rng" / f"rank_{rank}.json").write_text(json.dumps(rng_state()))
         export_weights(str(local / "model"), here=is_rank0)
-        if is_rank0 and online is not None:
-            (local / "online.json").write_text(json.dumps(online.state()))
+        if online is not None:
+            online.settle()  # a background draw joins the cache first (collective: every worker is here)
+            if is_rank0:
+                (local / "online.json").write_text(json.dumps(online.state()))
         remote = ckpt.checkpoint_dir(run_dir, step)
         ckpt.upload_tree(local, remote)
         files: list[dict[str, Any]] = [None] * world  # type: ignore[list-item]
@@ -484,7 +496,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         # take candidates and refill to exactly sequences_per_step
         chosen: list[tuple[Example, float]] = []  # (sequence, its fixed per-sequence value)
         dropped = candidates = 0
-        looked_at: list = []  # the step's Monte Carlo estimates (dcoa)
+        looked_at: list = []  # the step's Monte Carlo estimates (dcoa) or rollout groups (dr_grpo)
         warm_up = online is not None and step < cfg.objective.ce_warmup_steps  # CE on the references first
         group = cfg.objective.group_size if kind == "dr_grpo" and not warm_up else 1
         while len(chosen) < cfg.optim.sequences_per_step and not stream.finished:
@@ -537,6 +549,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 chosen += [(train_examples[window[p]], weights[p] if fixed else 1.0) for p in outcome.chosen]
             if kind == "dcoa" and not warm_up:
                 looked_at += estimates[: outcome.consumed]
+            elif kind == "dr_grpo" and not warm_up:
+                looked_at += groups[: outcome.consumed]
             dropped += outcome.dropped
             candidates += outcome.consumed
             stream.advance(outcome.consumed)
@@ -590,7 +604,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 f" | sampled {row.get('sampled_tokens', 0):,.0f} tok in {row.get('sample_s', 0):.2f} s"
                 f" (+{row.get('sample_overlapped_s', 0):.2f} s overlapped) | train {train_s:.2f} s"
                 f" | policy_v {row.get('policy_v', row.get('pool_version', '-'))} staleness {row.get('staleness', 0)}"
-                + (f" | p_mc {row['p_mc_mean']:.3f} [{row['p_mc_min']:.2f}, {row['p_mc_max']:.2f}]" if "p_mc_mean" in row else ""))
+                + (f" | p_mc {row['p_mc_mean']:.3f} [{row['p_mc_min']:.2f}, {row['p_mc_max']:.2f}]" if "p_mc_mean" in row else "")
+                + (f" | reward {row['reward_mean']:.3f}" if "reward_mean" in row else ""))
             say(f"step {step}/{steps_total} | epoch {row['epoch']:.2f} | loss {row['loss']:.4f} | "
                 f"weight_mean {row['weight_mean']:.3f} | weight_min {row['weight_min']:.3f} | dropped {dropped} | "
                 f"tok/s {row['tokens_per_s']:,.0f} | lr {row['lr']:.2e}{extra}", flush=True)
@@ -616,7 +631,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 def _online_metrics(online, gather, looked_at, trainer_version: int, train_s: float, device) -> dict[str, Any]:
     """The sampling side of a step, combined over workers: seconds and sync checks as the slowest
     worker saw them, the p_MC distribution of the candidates looked at, staleness."""
-    from passn.online import p_mc_summary
+    from passn.online import Estimate, p_mc_summary
 
     parts = gather(online.take_metrics())
     out: dict[str, Any] = dict(parts[0])
@@ -625,10 +640,15 @@ def _online_metrics(online, gather, looked_at, trainer_version: int, train_s: fl
         if values:
             out[key] = max(values)
     out["train_s"] = max(gather(train_s))
-    out.update(p_mc_summary(looked_at, trainer_version))
+    if looked_at and isinstance(looked_at[0], list):  # dr_grpo: reward and version of every rollout looked at
+        out.update(p_mc_summary([Estimate(int(sum(r.reward for r in g)), len(g), g[0].version) for g in looked_at],
+                                trainer_version))
+        out = {k.replace("p_mc", "reward"): v for k, v in out.items()}
+    else:
+        out.update(p_mc_summary(looked_at, trainer_version))
     if device.type == "cuda":
         out["gpu_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-        if online.pool is not None:
+        if online.pool is not None and online.pending is None:  # (a state() call would queue behind the prefetch)
             out["sampler_gpu_peak_gb"] = max(online.pool.gpu_peak_bytes() or [0]) / 2**30
     return out
 
@@ -663,6 +683,8 @@ def local_cpus(cfg: RunConfig) -> int:
     need = r.num_workers * r.cpus_per_worker
     if cfg.objective.kind in ("dcoa", "dr_grpo"):
         need += r.num_workers * r.sampler_actors * r.sampler_cpus
+        if cfg.task.kind == "math":  # a VerifierPool actor per worker
+            need += r.num_workers * 0.25
     return max(2, os.cpu_count() or 2, math.ceil(need))
 
 

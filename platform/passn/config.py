@@ -130,6 +130,14 @@ class ObjectiveConfig(_Strict):
     # t+1's candidates while the trainer runs step t
     staleness: Annotated[int, Field(ge=0, le=1)] = 0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _dcoa_threshold(cls, data: Any) -> Any:
+        """DCOa drops candidates whose weight is below 0.01 unless told otherwise (paper Section 5.4)."""
+        if isinstance(data, dict) and data.get("kind") == "dcoa" and "refill_threshold" not in data:
+            return {**data, "refill_threshold": 0.01}
+        return data
+
     @model_validator(mode="after")
     def _threshold(self) -> ObjectiveConfig:
         if self.refill_threshold >= 1:
@@ -204,7 +212,8 @@ class ResourcesConfig(_Strict):
     sampler_cpus: Annotated[float, Field(ge=0)] = 0.5  # Ray CPUs per sampler actor
     sampler_gpu_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0  # of a GPU per sampler actor
     sampler_kv_cache_mb: PositiveInt = 64  # vLLM's KV cache per actor (explicit: no memory probing)
-    sampler_sync_timeout_s: Annotated[float, Field(gt=0)] = 300.0  # weight push to the pool; then an error
+    sampler_sync_timeout_s: Annotated[float, Field(gt=0)] = 300.0  # pool start-up, weight push; then an error
+    sampler_unit_timeout_s: Annotated[float, Field(gt=0)] = 600.0  # one sampling unit; then restart and re-run
     # every K-th sync, the pool's greedy log-prob of a fixed prompt against the trainer's (logged as
     # sync_logp_gap); 0: never
     sampler_check_every: Annotated[int, Field(ge=0)] = 0
