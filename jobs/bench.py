@@ -21,6 +21,14 @@ from typing import Any
 import numpy as np
 
 
+def write_result(path: str | None, result: dict[str, Any]) -> None:
+    """A benchmark's figures as JSON at ``path`` (``--out``), when one is given."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {path}")
+
+
 def _best_of(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     best, result = math.inf, None
     for _ in range(repeats):
@@ -164,11 +172,7 @@ def _coverage_command(args: argparse.Namespace) -> int:
           f" {ver['math_verify_calls']} math-verify calls) | cache off {ver['cache_off_checks_per_s']:,.0f} checks/s"
           f" | {ver['speedup']:.0f}x | {ver['workers']} workers"
           f" | target >= 20k/s: {'met' if ver['cache_on_checks_per_s'] >= 20_000 else 'MISSED'}")
-    result = {"pass_at_k": grid, "verify": ver, "cpus": os.cpu_count()}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {args.out}")
+    write_result(args.out, {"pass_at_k": grid, "verify": ver, "cpus": os.cpu_count()})
     return 0
 
 

@@ -16,11 +16,12 @@ Medians over the steps after the first two (the first creates the pool).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from jobs.bench import write_result
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny-dcoa.yaml")
 
@@ -73,10 +74,7 @@ def run(args: argparse.Namespace) -> int:
           f"max(sampling, training) (target <= 1.1x: "
           f"{'met' if result['staleness_1_step_over_max'] <= 1.1 else 'MISSED'}); "
           f"{overlapped['sample_overlapped_s']:.3f} s of sampling ran beside training")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.out}")
+    write_result(args.out, result)
     return 0
 
 

@@ -10,11 +10,12 @@ actors, and, with --checkpoint, the search with a model's sampled tactics (`pass
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import time
 from typing import Any
+
+from jobs.bench import write_result
 
 # common tactics of the standard library's proofs (`passn prover extract` counts), and some that fail
 TACTICS = ["intros.", "simpl.", "reflexivity.", "auto.", "split.", "assumption.", "trivial.", "intro.", "left.",
@@ -118,10 +119,7 @@ def _command(args: argparse.Namespace) -> int:
         ray.shutdown()
     result = {"worker": worker, "pool": pool, "model": model, "cpus": os.cpu_count(), "theorems": args.theorems,
               "passes": args.passes, "max_steps": args.max_steps, "backend": args.backend}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {args.out}")
+    write_result(args.out, result)
     return 0
 
 

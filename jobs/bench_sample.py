@@ -12,11 +12,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 from typing import Any
+
+from jobs.bench import write_result
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -184,10 +185,7 @@ def _command(args: argparse.Namespace) -> int:
         ratio = r["ratio_over_generate_per_prompt"]
         print(f"  passn / generate per prompt: {ratio:.1f}x (target >= 2x: {'met' if ratio >= 2 else 'MISSED'});"
               f" passn / generate batched: {r['ratio_over_generate_batched']:.2f}x")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(r, f, indent=2)
-        print(f"wrote {args.out}")
+    write_result(args.out, r)
     return 0
 
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from jobs.bench import write_result
+
 # dense bf16 peak of an H100/H200 SXM by the datasheet; MFU = 6 N tokens/s / peak
 PEAK_BF16_FLOPS = 989.5e12
 
@@ -232,11 +234,8 @@ def run(args: argparse.Namespace) -> int:
     alternating = [r["dco_over_ce_alternating"] for r in rows if "dco_over_ce_alternating" in r]
     if alternating:
         print(f"passn ZeRO-2 dco/ce, alternating steps on one engine: {alternating[0]:.3f} (target <= 1.02)")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"rows": rows, "dco_over_ce": dco_vs_ce, "dco_over_ce_alternating": alternating,
-                       "pairs_passn_over_plain": pairs,
-                       "device": torch.cuda.get_device_name()}, f, indent=1)
+    write_result(args.out, {"rows": rows, "dco_over_ce": dco_vs_ce, "dco_over_ce_alternating": alternating,
+                            "pairs_passn_over_plain": pairs, "device": torch.cuda.get_device_name()})
     return 0
 
 

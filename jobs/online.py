@@ -58,7 +58,7 @@ class OnlineSampler:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="passn-prefetch")
         self.pending: tuple[Future, int] | None = None  # a background draw and its policy version
         self.origin: Path | None = None  # the folder the pool was created from: a restarted actor loads it
-        self.draws = self.syncs = 0
+        self.syncs = 0
         self.metrics: dict[str, float] = {}
 
     # -- the pool and its weights ------------------------------------------------------------------
@@ -119,7 +119,6 @@ class OnlineSampler:
             return {}, 0.0, 0
         problems = [self.problems[i] for i in indices]
         prompts = [self.task.render_prompt(p) for p in problems]
-        self.draws += 1
         # a function of what is drawn, not of how many draws came before: a resumed run draws the same
         seed = self.cfg.sampling.seed + 1_000_003 * version + 7919 * self.rank + indices[0]
         completions, skipped = self.pool.generate(prompts, self.samples, self.cfg.sampling.temperature,
@@ -153,8 +152,7 @@ class OnlineSampler:
         for draw, _, _ in parts:
             for index, samples in draw.items():
                 if self.kind == "dcoa":
-                    self.cache.put(index, sum(ok for _, ok in samples), len(samples), version,
-                                   sum(len(t) for t, _ in samples))
+                    self.cache.put(index, sum(ok for _, ok in samples), len(samples), version)
                 else:
                     self.rollouts[index] = [Rollout(t, float(ok), version) for t, ok in samples]
         self._add("sample_overlapped_s" if overlapped else "sample_s", max(seconds for _, seconds, _ in parts))

@@ -642,8 +642,7 @@ def _online_metrics(online, gather, looked_at, trainer_version: int, train_s: fl
     out["train_s"] = max(gather(train_s))
     if looked_at and isinstance(looked_at[0], list):  # dr_grpo: reward and version of every rollout looked at
         out.update(p_mc_summary([Estimate(int(sum(r.reward for r in g)), len(g), g[0].version) for g in looked_at],
-                                trainer_version))
-        out = {k.replace("p_mc", "reward"): v for k, v in out.items()}
+                                trainer_version, name="reward"))
     else:
         out.update(p_mc_summary(looked_at, trainer_version))
     if device.type == "cuda":

@@ -149,8 +149,6 @@ def write_model_folder(model, tokenizer, folder: str) -> None:
     """``model`` and ``tokenizer`` as a Hugging Face folder (config, safetensors, tokenizer) from
     any process: ``save_pretrained`` writes nothing on ranks other than 0 of a torch.distributed
     group, and each training worker hands its own sampler actors their weights."""
-    from pathlib import Path
-
     from safetensors.torch import save_file
 
     Path(folder).mkdir(parents=True, exist_ok=True)

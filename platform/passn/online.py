@@ -27,7 +27,6 @@ class Estimate:
     correct: int
     samples: int
     version: int
-    tokens: int = 0  # completion tokens sampled (for throughput metrics)
 
     @property
     def p_mc(self) -> float:
@@ -41,10 +40,10 @@ class MonteCarloCache:
     def __init__(self) -> None:
         self.entries: dict[int, Estimate] = {}
 
-    def put(self, index: int, correct: int, samples: int, version: int, tokens: int = 0) -> None:
+    def put(self, index: int, correct: int, samples: int, version: int) -> None:
         if not 0 <= correct <= samples or samples < 1:
             raise ValueError(f"example {index}: need 0 <= correct ({correct}) <= samples ({samples}), samples >= 1")
-        self.entries[index] = Estimate(correct, samples, version, tokens)
+        self.entries[index] = Estimate(correct, samples, version)
 
     def usable(self, indices: Iterable[int], trainer_version: int, staleness: int) -> set[int]:
         """The indices whose estimate is at most ``staleness`` versions behind the trainer."""
@@ -55,24 +54,25 @@ class MonteCarloCache:
         self.entries = {i: e for i, e in self.entries.items() if trainer_version - e.version <= staleness}
 
     def to_json(self) -> dict[str, Any]:
-        return {str(i): [e.correct, e.samples, e.version, e.tokens] for i, e in self.entries.items()}
+        return {str(i): [e.correct, e.samples, e.version] for i, e in self.entries.items()}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> MonteCarloCache:
         cache = cls()
-        for index, (correct, samples, version, tokens) in data.items():
-            cache.put(int(index), correct, samples, version, tokens)
+        for index, (correct, samples, version) in data.items():
+            cache.put(int(index), correct, samples, version)
         return cache
 
 
-def p_mc_summary(estimates: Sequence[Estimate], trainer_version: int) -> dict[str, float]:
-    """The p_MC distribution of a step's candidates and how stale their samples were, for the log."""
+def p_mc_summary(estimates: Sequence[Estimate], trainer_version: int, name: str = "p_mc") -> dict[str, float]:
+    """The p_MC distribution of a step's candidates (``name``: "reward" for Dr. GRPO's groups) and
+    how stale their samples were, for the log."""
     if not estimates:
         return {}
     p = np.array([e.p_mc for e in estimates])
     lag = [trainer_version - e.version for e in estimates]
-    return {"p_mc_mean": float(p.mean()), "p_mc_min": float(p.min()), "p_mc_max": float(p.max()),
-            "p_mc_zero": float((p == 0).mean()), "p_mc_one": float((p == 1).mean()), "staleness": int(max(lag)),
+    return {f"{name}_mean": float(p.mean()), f"{name}_min": float(p.min()), f"{name}_max": float(p.max()),
+            f"{name}_zero": float((p == 0).mean()), f"{name}_one": float((p == 1).mean()), "staleness": int(max(lag)),
             "policy_v": int(min(e.version for e in estimates))}
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs.train import read_metrics, run_training
+from jobs.train import run_training
 from passn import objectives
 from passn.config import load_config
 from passn.data import CandidateStream, encode_examples
@@ -64,4 +64,3 @@ def test_whole_proof_weights_are_the_proofs_coverage_weights(tmp_path):
     # step's own DCOstep weight, and here visibly different from it for some step
     step_weights = objectives.coverage_weight_from_logp(4, torch.tensor([float(step_logp[i]) for i in first]))
     assert bool((weights >= step_weights).all()) and float((weights / step_weights).max()) > 2, (weights, step_weights)
-    assert read_metrics(str(tmp_path / "run")) == metrics
