@@ -151,18 +151,13 @@ def pooled_rows(per_model: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str,
 
 def pass_at_k_summary(rows: Sequence[dict[str, Any]], k_grid: Sequence[int]) -> dict[str, Any]:
     """Mean unbiased pass@k over the theorems (skipped ones listed apart), for k up to the attempts."""
-    import numpy as np
-
-    from passn import coverage
+    from passn.evaluation import sampled_pass_at_k
 
     scored = [r for r in rows if "skipped" not in r]
-    n = min((r["attempts"] for r in scored), default=0)
-    ks = [k for k in k_grid if k <= n]
-    per_theorem = coverage.pass_at_k([r["attempts"] for r in scored], [r["successes"] for r in scored], ks) \
-        if scored and ks else np.zeros((0, len(ks)))
-    return {"theorems": len(scored), "attempts_per_theorem": n,
-            "proved": sum(r["successes"] > 0 for r in scored),
-            "pass_at_k": {str(k): float(per_theorem[:, j].mean()) if scored else 0.0 for j, k in enumerate(ks)},
+    attempts, successes = [r["attempts"] for r in scored], [r["successes"] for r in scored]
+    return {"theorems": len(scored), "attempts_per_theorem": min(attempts, default=0),
+            "proved": sum(s > 0 for s in successes),
+            "pass_at_k": sampled_pass_at_k(attempts, successes, k_grid) if scored else {},
             "skipped": [{"id": r["id"], "reason": r["skipped"]} for r in rows if "skipped" in r]}
 
 
