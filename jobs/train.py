@@ -130,6 +130,11 @@ class DeepSpeedEngine:
             "zero_optimization": zero,
             "gradient_clipping": o.max_grad_norm,
             "bf16": {"enabled": bf16},
+            # bf16 gradients accumulate into fp32 (across micro-batches and ranks' buckets); at
+            # stage 1 DeepSpeed then steps with its BF16_Optimizer, whose inf/nan check reuses the
+            # gradient norm instead of scanning every gradient with a host sync. On an H200 (1B
+            # model) the step went from 0.94x to 1.02x of a plain PyTorch loop (docs in README).
+            **({"data_types": {"grad_accum_dtype": "fp32"}} if bf16 else {}),
             "torch_autocast": {"enabled": autocast, "dtype": "bfloat16"},
             "steps_per_print": 1 << 30,
             "wall_clock_breakdown": False,
