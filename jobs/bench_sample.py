@@ -38,8 +38,30 @@ def _prompts(count: int, seed: int) -> list[str]:
     return ["".join(rng.choice(letters) for _ in range(rng.randint(6, 14))) + "=" for _ in range(count)]
 
 
-def bench_cpu(prompts: int, samples: int, max_new_tokens: int, hidden: int, layers: int, repeats: int) -> dict[str, Any]:
+def core_matmul_peak(dtype: str, seconds: float = 1.0) -> float:
+    """FLOP/s of one thread multiplying 1024 x 1024 matrices: the ceiling for an engine on one core."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a = torch.randn(1024, 1024, dtype=getattr(torch, dtype))
+        b = torch.randn(1024, 1024, dtype=a.dtype)
+        for _ in range(3):
+            a @ b
+        start, rounds = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            a @ b
+            rounds += 1
+        return 2 * 1024**3 * rounds / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def bench_cpu(prompts: int, samples: int, max_new_tokens: int, hidden: int, layers: int, repeats: int,
+              dtype: str = "float32") -> dict[str, Any]:
     import ray
+    import torch
 
     from actors.sampler import SamplerPool
     from jobs.train import _runtime_env
@@ -50,13 +72,14 @@ def bench_cpu(prompts: int, samples: int, max_new_tokens: int, hidden: int, laye
                          max_position_embeddings=max_new_tokens + 32)
     folder = tempfile.mkdtemp(prefix="passn-bench-")
     model, tokenizer = build_tiny_model(spec, seed=0)
-    model.save_pretrained(folder)
+    model.to(getattr(torch, dtype)).save_pretrained(folder)  # the engines load the saved dtype
     tokenizer.save_pretrained(folder)
     params = sum(p.numel() for p in model.parameters())
     requests = _prompts(prompts, seed=0)
     ray.init(include_dashboard=False, runtime_env=_runtime_env(), num_cpus=os.cpu_count(), log_to_driver=False)
     result: dict[str, Any] = {"model_parameters": params, "prompts": prompts, "samples_per_prompt": samples,
-                              "max_new_tokens": max_new_tokens, "cpus": os.cpu_count()}
+                              "max_new_tokens": max_new_tokens, "cpus": os.cpu_count(), "dtype": dtype,
+                              "core_matmul_peak_flops": core_matmul_peak(dtype)}
     try:
         for backend in ("vllm", "transformers"):
             pool = SamplerPool(folder, num_actors=1, backend=backend, max_model_len=spec.max_position_embeddings,
@@ -72,7 +95,9 @@ def bench_cpu(prompts: int, samples: int, max_new_tokens: int, hidden: int, laye
                     tokens = sum(c.num_tokens for c in completions)
                 pid = ray.get(pool.actors[0].state.remote())["pid"]
                 result[backend] = {"seconds": best, "tokens": tokens, "tokens_per_s": tokens / best,
-                                   "peak_rss_mb": _peak_rss_mb(pid)}
+                                   "peak_rss_mb": _peak_rss_mb(pid),
+                                   # matmul work only (2 FLOPs per parameter per generated token)
+                                   "model_flops": 2 * params * tokens / best}
             finally:
                 pool.shutdown()
     finally:
@@ -88,7 +113,7 @@ def _cpu_generate_per_prompt(folder: str, requests: list[str], samples: int, max
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(1)
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     start, tokens = time.perf_counter(), 0
     for text in requests:
@@ -162,19 +187,25 @@ def bench_cuda(prompts: int, samples: int, max_new_tokens: int, prompt_tokens: i
 
 def _command(args: argparse.Namespace) -> int:
     if args.device == "cpu":
-        r = bench_cpu(args.prompts, args.samples, args.max_new_tokens, args.hidden, args.layers, args.repeats)
-        print(f"tiny Llama ({r['model_parameters']:,} parameters), {r['prompts']} prompts x {r['samples_per_prompt']}"
-              f" samples, up to {r['max_new_tokens']} new tokens, one actor with 1 CPU each:")
+        r = bench_cpu(args.prompts, args.samples, args.max_new_tokens, args.hidden, args.layers, args.repeats, args.dtype)
+        peak = r["core_matmul_peak_flops"]
+        print(f"tiny Llama ({r['model_parameters']:,} parameters, {r['dtype']}), {r['prompts']} prompts x "
+              f"{r['samples_per_prompt']} samples, up to {r['max_new_tokens']} new tokens, one actor with 1 CPU each; "
+              f"one core's {r['dtype']} matmul peak {peak / 1e9:.0f} GFLOP/s:")
         for backend in ("vllm", "transformers"):
             b = r[backend]
             print(f"  {backend:<12} {b['tokens_per_s']:>10,.0f} tokens/s ({b['tokens']:,} tokens in {b['seconds']:.2f} s)"
-                  f" | actor peak RSS {b['peak_rss_mb']:,.0f} MiB")
+                  f" | actor peak RSS {b['peak_rss_mb']:,.0f} MiB | {b['model_flops'] / 1e9:.1f} GFLOP/s in matmuls,"
+                  f" {b['model_flops'] / peak:.0%} of the core's peak")
         g = r["generate_per_prompt"]
         print(f"  {'generate':<12} {g['tokens_per_s']:>10,.0f} tokens/s ({g['tokens']:,} tokens in {g['seconds']:.2f} s)"
               f" | plain model.generate per prompt, in the driver, 1 thread (reference)")
         ratio = r["ratio_vllm_over_transformers"]
         print(f"  vLLM pool / transformers engine: {ratio:.2f}x | target >= 5x: {'met' if ratio >= 5 else 'MISSED'}"
               f" | vLLM pool / plain generate: {r['vllm']['tokens_per_s'] / g['tokens_per_s']:.2f}x")
+        needed = 5 * r["transformers"]["model_flops"]
+        print(f"  5x the transformers engine needs {needed / 1e9:.0f} GFLOP/s in matmuls: {needed / peak:.1f}x"
+              f" one core's {r['dtype']} matmul peak")
     else:
         r = bench_cuda(args.prompts, args.samples, args.max_new_tokens, args.prompt_tokens)
         print(f"{r['model']} on {r['device']}: {r['prompts']} prompts x {r['samples_per_prompt']} samples,"
@@ -201,6 +232,8 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--hidden", type=int, default=256, help="cpu: the tiny model's hidden size")
     p.add_argument("--layers", type=int, default=4, help="cpu: the tiny model's layers")
     p.add_argument("--repeats", type=int, default=2, help="cpu: timed repeats (best kept)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="cpu: the tiny model's saved dtype, which both engines load")
     p.add_argument("--prompt-tokens", type=int, default=128, help="cuda: tokens per prompt")
     p.add_argument("--out", help="also write the figures as JSON here")
     p.set_defaults(run=_with_defaults)
