@@ -64,14 +64,10 @@ def _loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
 
 
 def _timed(step, profile: bool) -> tuple[float, str | None]:
-    batches, times = _batches(), []
-    for i, batch in enumerate(batches):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        step(batch)
-        torch.cuda.synchronize()
-        if i >= WARMUP:
-            times.append(time.perf_counter() - start)
+    from jobs.bench_train import _time_steps
+
+    batches = _batches()
+    times = _time_steps(step, batches, WARMUP)
     table = None
     if profile:
         from torch.profiler import ProfilerActivity
