@@ -221,7 +221,8 @@ class ResourcesConfig(_Strict):
     zero_stage: Literal[0, 1, 2, 3] = 2
     max_failures: Annotated[int, Field(ge=0)] = 1
     # GPU numerics with model.dtype = bfloat16: DeepSpeed's bf16 mode (bf16 parameters, fp32 master
-    # copies) or torch autocast on fp32 parameters (what a plain PyTorch loop does)
+    # copies, gradients accumulated in fp32) or torch autocast on fp32 parameters (what a plain
+    # PyTorch loop does)
     mixed_precision: Literal["deepspeed_bf16", "torch_autocast"] = "deepspeed_bf16"
     threads_per_worker: PositiveInt = 1
 
