@@ -99,9 +99,8 @@ def _passn_worker(config: dict[str, Any]) -> None:
         json.dump(result, f)
 
 
-def raw_deepspeed(objective: str, zero: int, steps: int, sequences: int, length: int, warmup: int,
-                  params: int) -> dict[str, Any]:
-    """The same engine and step in this process, without Ray: separates Ray's cost from DeepSpeed's."""
+def init_single_rank_nccl() -> None:
+    """A one-rank NCCL process group in this process on cuda:0 (DeepSpeed wants one even alone)."""
     import os
     import socket
 
@@ -112,6 +111,14 @@ def raw_deepspeed(objective: str, zero: int, steps: int, sequences: int, length:
         port = s.getsockname()[1]
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("nccl", device_id=torch.device("cuda:0"))
+
+
+def raw_deepspeed(objective: str, zero: int, steps: int, sequences: int, length: int, warmup: int,
+                  params: int) -> dict[str, Any]:
+    """The same engine and step in this process, without Ray: separates Ray's cost from DeepSpeed's."""
+    import torch.distributed as dist
+
+    init_single_rank_nccl()
     try:
         config = {"objective": objective, "zero": zero, "steps": steps, "sequences": sequences, "length": length,
                   "warmup": warmup, "params": params, "precision": "deepspeed_bf16"}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,15 +47,6 @@ SETTINGS: list[tuple[str, dict]] = [
 ]
 
 
-def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(STEPS):
-        ids = torch.randint(3, VOCAB, (SEQUENCES, LENGTH + 1), generator=g)
-        out.append((ids[:, :-1].cuda(), ids[:, 1:].cuda()))
-    return out
-
-
 def _loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
     from passn import objectives
 
@@ -64,9 +54,9 @@ def _loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
 
 
 def _timed(step, profile: bool) -> tuple[float, str | None]:
-    from jobs.bench_train import _time_steps
+    from jobs.bench_train import _batches, _time_steps
 
-    batches = _batches()
+    batches = _batches(STEPS, SEQUENCES, LENGTH, VOCAB, "cuda")  # the same batches as passn bench train
     times = _time_steps(step, batches, WARMUP)
     table = None
     if profile:
@@ -97,8 +87,8 @@ def _plain(spec: dict) -> dict:
 
     def step(batch):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(input_ids=batch[0]).logits
-        _loss(logits, batch[1]).backward()
+            logits = model(input_ids=batch["inputs_BT"]).logits
+        _loss(logits, batch["targets_BT"]).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -109,13 +99,10 @@ def _plain(spec: dict) -> dict:
 
 def _deepspeed(spec: dict) -> dict:
     import deepspeed
-    import torch.distributed as dist
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("nccl", device_id=torch.device("cuda:0"))
+    from jobs.bench_train import init_single_rank_nccl
+
+    init_single_rank_nccl()
     model = _model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
@@ -124,7 +111,7 @@ def _deepspeed(spec: dict) -> dict:
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
 
     def step(batch):
-        engine.backward(_loss(engine(input_ids=batch[0]).logits, batch[1]), scale_wrt_gas=False)
+        engine.backward(_loss(engine(input_ids=batch["inputs_BT"]).logits, batch["targets_BT"]), scale_wrt_gas=False)
         engine.step()
 
     seconds, table = _timed(step, spec.get("profile", False))

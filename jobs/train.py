@@ -133,7 +133,7 @@ class DeepSpeedEngine:
             # bf16 gradients accumulate into fp32 (across micro-batches and ranks' buckets); at
             # stage 1 DeepSpeed then steps with its BF16_Optimizer, whose inf/nan check reuses the
             # gradient norm instead of scanning every gradient with a host sync. On an H200 (1B
-            # model) the step went from 0.94x to 1.02x of a plain PyTorch loop (docs in README).
+            # model) passn's step went from 0.94x to 1.01x of a plain PyTorch loop (README).
             **({"data_types": {"grad_accum_dtype": "fp32"}} if bf16 else {}),
             "torch_autocast": {"enabled": autocast, "dtype": "bfloat16"},
             "steps_per_print": 1 << 30,
