@@ -5,6 +5,7 @@
     passn bench sample     vLLM vs transformers sampling (CPU); transformers engine vs generate (CUDA)
     passn bench prove      Coq tactics/s: one worker, the prover pool; rollouts/s with a model
     passn bench dcoa       DCOa step time with the co-located sampler pool: synchronous, staleness 1
+    passn bench graders    answer checking against public graders' labelled cases: agreement per source
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def make_predictions(total: int = 100_000, problems: int = 200, tail_share: floa
 
 
 def bench_verify(total: int = 100_000, uncached_sample: int = 2_000, workers: int | None = None,
-                 tail_share: float = 0.1) -> dict[str, Any]:
+                 tail_share: float = 0.1, distinct_sample: int = 1_000) -> dict[str, Any]:
     from passn.verify import AnswerChecker
 
     workers = workers or max(1, min(os.cpu_count() or 1, 4))
@@ -147,6 +148,8 @@ def bench_verify(total: int = 100_000, uncached_sample: int = 2_000, workers: in
         cold_verdicts = cold.check_many(sample)
         uncached_s = time.perf_counter() - start
     agree = all(a.correct == b.correct for a, b in zip(verdicts, cold_verdicts))
+    distinct = sorted(set(pairs))
+    per_check_ms = _per_distinct_check_ms(random.Random(0).sample(distinct, min(distinct_sample, len(distinct))))
     return {
         "checks": total, "distinct_pairs": len(set(pairs)), "workers": workers, "tail_share": tail_share,
         "cache_on_checks_per_s": total / cached_s, "cache_on_seconds": cached_s,
@@ -156,7 +159,23 @@ def bench_verify(total: int = 100_000, uncached_sample: int = 2_000, workers: in
         "cache_on_and_off_agree": agree,
         "math_verify_calls": stats.worker_checks, "numeric_fast_path": stats.numeric_hits,
         "timeouts": stats.timeouts,
+        "distinct_checks_timed": len(per_check_ms),
+        "per_distinct_check_ms": {q: float(np.percentile(per_check_ms, int(q[1:]))) for q in ("p50", "p95", "p99")},
     }
+
+
+def _per_distinct_check_ms(pairs: list[tuple[str, str]]) -> list[float]:
+    """Wall time of each check on its own (one worker, caches off): what a never-seen answer costs."""
+    from passn.verify import AnswerChecker
+
+    times = []
+    with AnswerChecker(workers=1, cache=False) as checker:
+        checker.check("x", "y")
+        for prediction, reference in pairs:
+            start = time.perf_counter()
+            checker.check(prediction, reference)
+            times.append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 def _coverage_command(args: argparse.Namespace) -> int:
@@ -167,11 +186,14 @@ def _coverage_command(args: argparse.Namespace) -> int:
           f" | target < 50 ms: {'met' if grid['vectorised_ms'] < 50 else 'MISSED'}")
     print(f"verification: {args.checks} MATH-style predictions (tail share {args.tail_share}), cache on vs off ...",
           flush=True)
-    ver = bench_verify(args.checks, args.uncached_sample, args.workers, args.tail_share)
+    ver = bench_verify(args.checks, args.uncached_sample, args.workers, args.tail_share, args.distinct_sample)
     print(f"  cache on {ver['cache_on_checks_per_s']:,.0f} checks/s ({ver['distinct_pairs']} distinct pairs,"
           f" {ver['math_verify_calls']} math-verify calls) | cache off {ver['cache_off_checks_per_s']:,.0f} checks/s"
           f" | {ver['speedup']:.0f}x | {ver['workers']} workers"
           f" | target >= 20k/s: {'met' if ver['cache_on_checks_per_s'] >= 20_000 else 'MISSED'}")
+    q = ver["per_distinct_check_ms"]
+    print(f"  one distinct check on its own ({ver['distinct_checks_timed']} pairs, one worker, caches off):"
+          f" p50 {q['p50']:.2f} ms | p95 {q['p95']:.2f} ms | p99 {q['p99']:.2f} ms")
     write_result(args.out, {"pass_at_k": grid, "verify": ver, "cpus": os.cpu_count()})
     return 0
 
@@ -187,15 +209,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     cov.add_argument("--checks", type=int, default=100_000)
     cov.add_argument("--uncached-sample", type=int, default=2_000,
                      help="checks timed with the cache off (each runs math-verify)")
+    cov.add_argument("--distinct-sample", type=int, default=1_000,
+                     help="distinct (prediction, reference) pairs timed one at a time for the p50/p95/p99")
     cov.add_argument("--workers", type=int, default=None, help="verifier processes (default: CPUs, at most 4)")
     cov.add_argument("--tail-share", type=float, default=0.1,
                      help="share of each problem's samples drawn from 30 rare wrong answers (0: only the "
                           "dozen common answers per problem)")
     cov.add_argument("--out", help="also write the figures as JSON here")
     cov.set_defaults(run=_coverage_command)
-    from jobs import bench_dcoa, bench_prove, bench_sample, bench_train
+    from jobs import bench_dcoa, bench_graders, bench_prove, bench_sample, bench_train
 
     bench_train.add_parser(kinds)
     bench_sample.add_parser(kinds)
     bench_prove.add_parser(kinds)
     bench_dcoa.add_parser(kinds)
+    bench_graders.add_parser(kinds)

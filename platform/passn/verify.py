@@ -1,17 +1,21 @@
 """Answer extraction and checking: the verifier behind every pass@N number.
 
-- :func:`extract_answer`: the last ``\\boxed{...}`` (nested braces), else ``\\fbox{...}``, else
-  the Minerva "final answer is X" sentence, else a one-line direct answer; ``None`` when there
-  is no answer.
-- :func:`answers_match`: ``mode="symbolic"`` (the default) accepts what the paper's exact mode
-  accepts plus math-verify's symbolic equivalence; ``mode="exact"`` is the paper's Minerva
-  normalisation and string equality.
+- :func:`extract_answer`: whichever comes last of the last ``\\boxed{...}`` (nested braces; else
+  ``\\fbox{...}``) and a closing "final answer is X" / "Final Answer: X" sentence, else a one-line
+  direct answer; ``None`` when there is no answer.
+- :func:`answers_match`: ``mode="symbolic"`` (the default) accepts what exact mode accepts plus
+  exact rational equality of numbers (mixed numbers, thousands separators, a unit or percent sign
+  on one side) plus math-verify's symbolic equivalence; ``mode="exact"`` is the paper's Minerva
+  normalisation and string equality, guarded so that an accept never rests on what the
+  normalisation threw away (the left side of an equation, a list's separators, two different units).
 - :class:`AnswerChecker`: runs math-verify in killable, memory-capped worker processes with a
   per-check time bound and a cache. math-verify's own timeout uses ``signal.alarm`` (main thread
   only) and cannot stop C-level work such as ``9^9^9^9``; a killed process can.
 
 A check that times out, runs out of memory or cannot be parsed is *incorrect* with a reason; it
-never raises into the caller and never hangs.
+never raises into the caller and never hangs. No pre-check accepts unless the two sides are provably
+equal; pre-checks may reject only when both sides are exact numbers that differ. The policies where
+public graders disagree are in docs/VERIFY.md.
 """
 
 from __future__ import annotations
@@ -44,72 +48,142 @@ _INVISIBLE = dict.fromkeys(
      *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
 )
 _MINUS_SIGNS = str.maketrans({"\u2212": "-", "\u2013": "-", "\u2012": "-", "\ufe63": "-", "\uff0d": "-"})
+# NFKC turns "m²" into "m2" and "x₁" into "x1": a power and an index become a different number.
+_SUPERSCRIPTS = dict(zip("⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻", "0123456789+-"))
+_SUBSCRIPTS = dict(zip("₀₁₂₃₄₅₆₇₈₉₊₋", "0123456789+-"))
+_SCRIPT_RUN = re.compile(f"[{''.join(_SUPERSCRIPTS)}]+|[{''.join(_SUBSCRIPTS)}]+")
+
+
+def _script_to_latex(match: re.Match[str]) -> str:
+    run = match.group(0)
+    table, mark = (_SUPERSCRIPTS, "^") if run[0] in _SUPERSCRIPTS else (_SUBSCRIPTS, "_")
+    body = "".join(table[ch] for ch in run)
+    return f"{mark}{body}" if len(body) == 1 else f"{mark}{{{body}}}"
 
 
 def normalise_unicode(text: str) -> str:
-    """NFKC, every minus-like dash to ASCII '-', invisible characters removed, ends stripped."""
+    """Super/subscripts to ``^``/``_``, then NFKC, minus-like dashes to '-', invisibles removed, ends stripped."""
+    text = _SCRIPT_RUN.sub(_script_to_latex, text)
     return unicodedata.normalize("NFKC", text).translate(_MINUS_SIGNS).translate(_INVISIBLE).strip()
 
 
-def _braced_argument(text: str, start: int) -> str | None:
-    """The content of the ``{...}`` group opening at ``text[start]``, nested braces included."""
-    depth = 0
-    for i in range(start, len(text)):
-        ch = text[i]
-        if ch == "\\":  # an escaped brace does not open or close a group
+def _matching_braces(text: str) -> dict[int, int]:
+    """Index of each ``{`` -> index of its ``}``, escaped braces skipped: one pass, however deep."""
+    match, stack = {}, []
+    for i, ch in enumerate(text):
+        if ch in "{}" and i and text[i - 1] == "\\":
             continue
-        if ch == "{" and (i == 0 or text[i - 1] != "\\"):
-            depth += 1
-        elif ch == "}" and text[i - 1] != "\\":
-            depth -= 1
-            if depth == 0:
-                return text[start + 1 : i]
-    return None
+        if ch == "{":
+            stack.append(i)
+        elif ch == "}" and stack:
+            match[stack.pop()] = i
+    return match
 
 
-def _last_command_argument(text: str, command: str) -> str | None:
-    idx = text.rfind(command)
-    while idx >= 0:
-        rest = idx + len(command)
-        j = rest
+@dataclasses.dataclass(frozen=True)
+class _Box:
+    answer: str
+    start: int
+    end: int
+
+
+def _boxes(text: str, command: str) -> list[_Box]:
+    """Every ``command{...}`` (or ``command 5``) that closes, outermost only, in order."""
+    match = _matching_braces(text) if command in text else {}
+    boxes: list[_Box] = []
+    for m in re.finditer(re.escape(command) + r"(?![A-Za-z])", text):
+        if boxes and m.start() < boxes[-1].end:
+            continue  # a box inside a box
+        j = m.end()
         while j < len(text) and text[j] == " ":
             j += 1
         if j < len(text) and text[j] == "{":
-            arg = _braced_argument(text, j)
-            if arg is not None:
-                return arg
-        elif j > rest and j < len(text):  # "\boxed 5": the argument is one token
-            m = re.match(r"[^\s$]+", text[j:])
-            if m:
-                return m.group(0)
-        idx = text.rfind(command, 0, idx)
-    return None
+            if j in match:
+                boxes.append(_Box(text[j + 1 : match[j]], m.start(), match[j] + 1))
+        elif j > m.end() and (token := re.match(r"[^\s$]+", text[j:])):  # "\boxed 5": one token
+            boxes.append(_Box(token.group(0), m.start(), j + token.end()))
+    return boxes
 
 
-_FINAL_ANSWER = re.compile(r"final answer is\s*(.+?)(?:\.\s*I hope it is correct\.?|\s*$)", re.IGNORECASE | re.DOTALL)
+# Boxes side by side ("\boxed{1}, \boxed{2}", "\boxed{1} \quad\text{and}\quad \boxed{2}") are one
+# answer, a list; "\boxed{1} no no no no no \boxed{2}" is not (Math-Verify's tests draw the line there).
+# "First \boxed{1}, then finally \boxed{2}" revises the first box: the answer is the last one.
+_BOX_GAP_CHARS, _BOX_GAP_WORDS = 32, 3
+_REVISION_WORDS = {"then", "finally", "but", "so", "thus", "hence", "therefore", "correcting", "corrected", "actually",
+                   "instead", "wait", "answer", "is", "was", "final", "not", "no"}
+
+
+def _final_boxes(boxes: list[_Box], text: str) -> str:
+    """The last box, joined with the boxes just before it that stand beside it."""
+    group = [boxes[-1]]
+    for box in reversed(boxes[:-1]):
+        gap = text[box.end : group[0].start]
+        words = {w.lower() for w in re.findall(r"(?<![\\A-Za-z])[A-Za-z]{2,}", gap)}  # not LaTeX commands (\quad)
+        if len(gap) > _BOX_GAP_CHARS or "\n\n" in gap or len(words) > _BOX_GAP_WORDS or words & _REVISION_WORDS:
+            break
+        group.insert(0, box)
+    return ", ".join(b.answer.strip() for b in group)
+
+
+# "The final answer is X", "Final Answer: X", "**Final Answer:** X", "My final answer is: X", and
+# PRM800K's "# Answer" heading, answer on the lines below.
+_FINAL_ANSWER_START = re.compile(r"final answer(?:\*\*)?\s*(?:is\b\s*:?|:)(?:\*\*)?[ \t]*|^#+[ \t]*Answer[ \t]*\n\s*",
+                                 re.IGNORECASE | re.MULTILINE)
+_HOPE = re.compile(r"I hope it is correct", re.IGNORECASE)
+_FULL_STOP = re.compile(r"\.(?=\s|$)")  # not the point of 3.14
+
+
+def _final_answer_sentence(text: str) -> tuple[str, int] | None:
+    """The answer of the last "final answer is X" sentence and where the sentence starts."""
+    starts = list(_FINAL_ANSWER_START.finditer(text))
+    if not starts:
+        return None
+    last = starts[-1]
+    rest = text[last.end():]
+    if rest.startswith("$"):  # a math span may hold full stops: take it whole
+        fence = "$$" if rest.startswith("$$") else "$"
+        close = rest.find(fence, len(fence))
+        answer = rest[len(fence):close] if close > 0 else rest[len(fence):]
+    else:  # up to Minerva's "I hope it is correct", a sentence's full stop, or the line's end
+        answer = rest.split("\n", 1)[0]
+        for end in (_HOPE.search(answer), _FULL_STOP.search(answer)):
+            if end is not None:
+                answer = answer[: end.start()]
+    answer = answer.strip().strip("*").strip().rstrip(".").strip().strip("$").strip()
+    return (answer, last.start()) if answer else None
+
+
+# A completion that ends with displayed math and has no box or final-answer sentence answers with it.
+_CLOSING_DISPLAY = re.compile(r"(?:\\\[((?:(?!\\\[).){1,2000}?)\\\]|\$\$((?:(?!\$\$).){1,2000}?)\$\$)[\s.]*$", re.DOTALL)
 
 
 def extract_answer(completion: str | None) -> str | None:
     """The final answer in a completion, or ``None`` when it has none.
 
-    Order: the last ``\\boxed{...}`` (nested braces kept), else the last ``\\fbox{...}``, else
-    "The final answer is X. I hope it is correct." (Minerva's format), else the completion itself
-    when it is a single non-empty line (a direct answer). Unicode is normalised first.
+    The last ``\\boxed{...}`` (nested braces kept; else the last ``\\fbox{...}``) or the last
+    "The final answer is X" / "Final Answer: X" sentence (Minerva's format and its variants),
+    whichever comes later: a box inside the sentence is its answer, and a closing sentence after
+    an intermediate box wins. Boxes side by side at the end (``\\boxed{1}, \\boxed{2}``, at most
+    three words apart) are one answer, the list ``1, 2``: two boxed guesses are not two chances.
+    With neither, a completion that ends with displayed math (``\\[ 9 \\]``, ``$$ 9 $$``) answers with it. Else the completion itself when it is a single non-empty line (a
+    direct answer). A box that never closes, and nothing else, means the answer was cut off.
+    Unicode is normalised first.
     """
     if completion is None:
         return None
     text = normalise_unicode(completion)
-    for command in ("\\boxed", "\\fbox"):
-        arg = _last_command_argument(text, command)
-        if arg is not None:
-            arg = arg.strip()
-            return arg or None
+    boxes = _boxes(text, "\\boxed") or _boxes(text, "\\fbox")
+    sentence = _final_answer_sentence(text)
+    if sentence is not None and (not boxes or sentence[1] >= boxes[-1].end):
+        if "\\boxed" in sentence[0] or "\\fbox" in sentence[0]:
+            return None  # "The final answer is \\boxed{..." cut off inside the box
+        return sentence[0]
+    if boxes:
+        return _final_boxes(boxes, text) or None
     if "\\boxed" in text or "\\fbox" in text:
         return None  # a box that never closes: the answer was cut off
-    sentences = list(_FINAL_ANSWER.finditer(text))
-    if sentences:
-        answer = sentences[-1].group(1).strip().rstrip(".").strip()
-        return answer.strip("$").strip() or None
+    if (display := _CLOSING_DISPLAY.search(text)) is not None:
+        return (display.group(1) or display.group(2)).strip() or None
     if text and "\n" not in text:
         return text.strip("$").strip() or None
     return None
@@ -130,11 +204,12 @@ _REMOVED_EXPRESSIONS = [
     "\\text{\ns}", "\\text{}^2", "\\text{}^3", "\\text{\n}", "\\text{}", r"\mathrm{th}", r"^\circ",
     r"^{\circ}", r"\;", r",\!", "{,}", '"', "\\dots",
 ]
+# The removed expressions that name a unit: two answers with different ones are different.
+_UNIT_WORDS = [e for e in _REMOVED_EXPRESSIONS if e.isalpha()] + ["\\text{m}"]
 
 
-def minerva_normalise(answer: str) -> str:
-    """Minerva's ``normalize_final_answer``: the normalisation behind the paper's exact match."""
-    answer = answer.split("=")[-1]
+def _minerva_body(answer: str) -> str:
+    """Minerva's normalisation of one side of an equation, before its comma rule."""
     for before, after in _SUBSTITUTIONS:
         answer = answer.replace(before, after)
     for expr in _REMOVED_EXPRESSIONS:
@@ -147,15 +222,169 @@ def minerva_normalise(answer: str) -> str:
     answer = re.sub(r"(\\boxed\{)(.*)(\})", "\\2", answer)
     answer = re.sub(r"(frac)([^{])(.)", "frac{\\2}{\\3}", answer)
     answer = re.sub(r"(sqrt)([^{])", "sqrt{\\2}", answer)
-    answer = answer.replace("$", "")
+    return answer.replace("$", "")
+
+
+def minerva_normalise(answer: str) -> str:
+    """Minerva's ``normalize_final_answer`` as published: the normalisation behind the paper's exact match.
+
+    It keeps only what follows the last ``=`` and strips every comma from a string of digits and
+    commas; :func:`exact_match` guards both.
+    """
+    answer = _minerva_body(answer.split("=")[-1])
     if answer.replace(",", "").isdigit():
         answer = answer.replace(",", "")
     return answer
 
 
+# What may stand left of '=' when the answer is the value on the right: x, y_1, f(x), \theta, AB.
+_NAME = re.compile(r"\s*(?:[A-Za-z]|\\(?:alpha|beta|gamma|delta|theta|lambda|mu|phi|varphi|omega|sigma|rho|tau|psi)"
+                   r"|[A-Z]{2,3})(?:_\{?\w+\}?)?'*(?:\(\s*[A-Za-z](?:\s*,\s*[A-Za-z])*\s*\))?\s*")
+_THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+")
+_GLUED_UNIT = re.compile(r"\d(?:" + "|".join(w for w in _UNIT_WORDS if w.isalpha()) + r")(?![A-Za-z])")
+
+
+def _exact_key(answer: str) -> tuple[str, frozenset[str]]:
+    """Minerva's normalisation with its two unsafe steps guarded, and the unit words it removed.
+
+    - ``lhs = value`` keeps the value only when ``lhs`` names a quantity (``x``, ``f(x)``); any
+      other equation is kept whole, each side normalised: ``a + 3z = 0`` is not the number 0.
+    - Commas are dropped only from a thousands-separated number (``32,349``), not from a list
+      (``32, 349`` or ``1,2,3``).
+    - Two or more ``$...$`` spans are not cut down to the first one.
+    - A unit word glued to a number (``10cm``) is not removed: in LaTeX it is a product.
+    """
+    sides = answer.split("=")
+    if len(sides) > 1 and not all(_NAME.fullmatch(side.strip().strip("$")) for side in sides[:-1]):
+        parts = sides
+    else:
+        parts = sides[-1:]
+    keys, units = [], set()
+    for part in parts:
+        spaced = part.replace("{,}", ",").replace(",\\!", ",").strip().strip("$").strip()
+        body = part.replace("$", "") if part.count("$") > 2 else part
+        units |= {w for w in _UNIT_WORDS if w in body.replace(" ", "")}
+        # "10cm" is 10 times c times m in LaTeX, not 10 with a unit: Minerva would strip the "cm"
+        key = body.replace(" ", "") if _GLUED_UNIT.search(body) else _minerva_body(body)
+        if key.replace(",", "").lstrip("-").isdigit() and _THOUSANDS.fullmatch(spaced):
+            key = key.replace(",", "")
+        keys.append(key)
+    return "=".join(keys), frozenset(units)
+
+
 def exact_match(prediction: str, reference: str) -> bool:
-    """The paper's exact mode: string equality after Minerva's normalisation."""
-    return minerva_normalise(prediction) == minerva_normalise(reference)
+    """The paper's exact mode: string equality after Minerva's normalisation, guarded.
+
+    Equal only when the normalised strings are equal and the normalisation threw nothing away that
+    tells them apart: an equation's left side (see :func:`_exact_key`), list separators, or two
+    different units (``5 km`` is not ``5 cm``; ``5 cm`` is ``5``).
+    """
+    (key_a, units_a), (key_b, units_b) = _exact_key(prediction), _exact_key(reference)
+    return key_a == key_b and (units_a == units_b or not units_a or not units_b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers compared as exact rationals: most MATH answers, no sympy
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Number:
+    value: Fraction
+    decimal: bool  # written with a decimal point: rounding may be meant
+    unit: str  # "" when none: "cm^2", "weeks", "degree", "dollar"
+    percent: bool
+
+
+_LATEX_SPACE = re.compile(r"\\[ ,;:!>]|~|\\quad|\\qquad")
+_UNWRAP = re.compile(r"\\(?:text|textrm|mbox|mathrm)\{([^{}]*)\}")
+_UNIT_GROUP = r"(?:\\(?:text|textrm|mbox|mathrm)\{\s*[A-Za-z][A-Za-z .]*\}|[A-Za-z]{3,}|(?<=\s)(?:cm|mm|km|kg|mg|ft|yd|lb|oz|ml|hr|in))"
+_UNIT_TAIL = re.compile(rf"\s*((?:{_UNIT_GROUP}(?:\s*\^\s*\{{?[23]\}}?)?\s*)+)$")
+_DEGREES = re.compile(r"\s*(?:\^\s*\{?\s*\\circ\s*\}?|°|\\degree)\s*$")
+_UNSIGNED = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d*)?|\.\d+"
+_DECIMAL = re.compile(rf"({_UNSIGNED})")
+_FRACTION = re.compile(r"\\[dt]?frac\{\s*(-?)\s*(\d+)\s*\}\{\s*(\d+)\s*\}|\\[dt]?frac(\d)(\d)|(\d+)\s*/\s*(\d+)")
+_MIXED = re.compile(r"(\d+)\s+(\d+)\s*/\s*(\d+)|(\d+)\s*\\[dt]?frac\{(\d+)\}\{(\d+)\}|(\d+)\s*\\[dt]?frac(\d)(\d)")
+# Words that follow a number without naming a unit of it.
+_NOT_UNITS = {"and", "or", "not", "the", "sqrt", "pi", "times", "cdot", "div", "frac", "dfrac", "tfrac", "left",
+              "right", "infty", "sin", "cos", "tan", "log", "exp"}
+
+
+def _rational(text: str) -> tuple[Fraction, bool] | None:
+    """(value, written as a decimal) of an unsigned-or-signed integer, decimal, fraction or mixed number."""
+    sign = -1 if text.startswith("-") else 1
+    text = text.lstrip("+-").strip()
+    if m := _DECIMAL.fullmatch(text):
+        return sign * Fraction(m.group(1).replace(",", "")), "." in text
+    if m := _FRACTION.fullmatch(text):
+        if m.group(2) is not None:
+            num, den, inner = int(m.group(2)), int(m.group(3)), -1 if m.group(1) else 1
+        elif m.group(4) is not None:
+            num, den, inner = int(m.group(4)), int(m.group(5)), 1
+        else:
+            num, den, inner = int(m.group(6)), int(m.group(7)), 1
+        return (sign * inner * Fraction(num, den), False) if den else None
+    if m := _MIXED.fullmatch(text):  # 7 3/4, 7\frac{3}{4}: a whole part and a proper fraction
+        whole, num, den = (int(g) for g in next(m.groups()[i : i + 3] for i in (0, 3, 6) if m.group(i + 1)))
+        return (sign * (whole + Fraction(num, den)), False) if 0 < num < den else None
+    return None
+
+
+def _unit_name(unit: str) -> str:
+    unit = _UNWRAP.sub(r"\1", unit).replace(" ", "").replace("{", "").replace("}", "").lower()
+    return unit[:-1] if unit.endswith("s") and len(unit) > 3 else unit  # weeks = week
+
+
+def _parse_number(text: str) -> _Number | None:
+    """A number, optionally with a percent sign or a unit written after it (or \\$ before it)."""
+    if len(text) > 1000:
+        return None  # past int()'s 4300-digit limit and far past any real answer: math-verify decides
+    text = _LATEX_SPACE.sub(" ", text).strip().strip("$").strip().rstrip(".").strip()
+    if (m := _UNWRAP.fullmatch(text)) is not None:
+        text = m.group(1).strip()  # \text{5 cm}
+    unit, percent = "", False
+    if text.startswith("\\$"):
+        text, unit = text[2:].strip(), "dollar"
+    if text.endswith("%"):
+        text, percent = text[:-1].rstrip("\\").strip(), True
+    elif (m := _DEGREES.search(text)) is not None:
+        text, unit = text[: m.start()], "degree"
+    elif (m := _UNIT_TAIL.search(text)) is not None and m.start() > 0:
+        words = {w.lower() for w in re.findall(r"[A-Za-z]+", _UNWRAP.sub(r"\1", m.group(1)))}
+        if words & _NOT_UNITS:
+            return None
+        text, unit = text[: m.start()], _unit_name(m.group(1))
+    parsed = _rational(text.strip())
+    return None if parsed is None else _Number(parsed[0], parsed[1], unit, percent)
+
+
+# A number followed by one or two letters is a product (10m is 10 times m, 10cm 10 times c times m).
+_NUMBER_TIMES_LETTER = re.compile(r"-?\d+(?:\.\d+)?[A-Za-z]{1,2}")
+
+
+def compare_numbers(prediction: str, reference: str) -> Verdict | None:
+    """Exact rational comparison when both sides are numbers; ``None`` hands over to math-verify.
+
+    Accepts equal values written differently (``0.5`` and ``\\frac12``, ``7 3/4`` and
+    ``\\frac{31}{4}``, ``32,349`` and ``32349``), a unit or a percent sign on one side only (``10``
+    and ``10 \\text{cm}^2``, ``50\\%`` and ``50``), and the same unit on both. Rejects different
+    two different units (no conversion: ``5 km`` is not ``5 cm``, nor ``500 cm``), and different
+    values when neither has a decimal point and both carry the same unit (or none); decimals may
+    be rounded, and a percent sign on one side only is math-verify's to judge. A number against
+    a number times one or two letters (``10`` and ``10m`` or ``10cm``; MARIO's tests) is rejected.
+    """
+    a, b = _parse_number(prediction), _parse_number(reference)
+    if (a is None) != (b is None) and _NUMBER_TIMES_LETTER.fullmatch((prediction if a is None else reference).strip()):
+        return Verdict(False, "not_equivalent")
+    if a is None or b is None:
+        return None
+    if a.unit and b.unit and a.unit != b.unit:
+        return Verdict(False, "not_equivalent")  # no unit conversion: 5 km is not 5 cm
+    if a.value == b.value and (a.percent == b.percent or not (a.unit or b.unit)):
+        return Verdict(True, "symbolic")
+    if a.decimal or b.decimal or a.percent != b.percent or bool(a.unit) != bool(b.unit):
+        return None
+    return Verdict(False, "not_equivalent")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,40 +415,54 @@ class CheckerStats:
     restarts: int = 0
 
 
-_PLAIN_NUMBER = re.compile(r"(-?)(\d+(?:\.\d+)?)")
-_PLAIN_FRACTION = re.compile(r"(-?)\\[dt]?frac\{(\d+)\}\{(\d+)\}|(-?)(\d+)/(\d+)")
+_TIME_OF_DAY = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2}))?\s*(?:\\text\{\s*)?(?:([AaPp])\.?\s*[Mm]\.?)?\}?")
 
 
-def _plain_number(text: str) -> tuple[Fraction, bool] | None:
-    """(value, has_decimal_point) for an integer, decimal or simple fraction; None otherwise."""
-    text = text.strip().strip("$").strip()
-    if len(text) > 1000:
-        return None  # past int()'s 4300-digit limit and far past any real answer: math-verify decides
-    if m := _PLAIN_NUMBER.fullmatch(text):
-        value = Fraction(m.group(2))
-        return (-value if m.group(1) else value), "." in text
-    if m := _PLAIN_FRACTION.fullmatch(text):
-        sign, num, den = (m.group(1), m.group(2), m.group(3)) if m.group(2) else (m.group(4), m.group(5), m.group(6))
-        if int(den) == 0:
+def _seconds_of_day(text: str) -> int | None:
+    m = _TIME_OF_DAY.fullmatch(text.strip().strip("$").strip())
+    if m is None:
+        return None
+    hours, minutes, seconds = int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+    if m.group(4):  # 12-hour clock: 12:05 AM is 00:05, 08:34 PM is 20:34
+        if not 1 <= hours <= 12:
             return None
-        value = Fraction(int(num), int(den))
-        return (-value if sign else value), False
-    return None
+        hours = hours % 12 + (12 if m.group(4) in "Pp" else 0)
+    return hours * 3600 + minutes * 60 + seconds if hours < 24 and minutes < 60 and seconds < 60 else None
 
 
-def _compare_plain_numbers(prediction: str, reference: str) -> Verdict | None:
-    """Exact rational comparison when both sides are plain numbers: most MATH answers, no sympy.
+def compare_times(prediction: str, reference: str) -> Verdict | None:
+    """Times of day compared as seconds since midnight (``20:34``, ``20:34:00``, ``08:34 P.M.``).
 
-    Decimals that differ are left to math-verify, whose rounding rules may still accept them.
+    ``None`` unless both sides are times: math-verify reads ``20:34`` as the ratio 20/34.
     """
-    a, b = _plain_number(prediction), _plain_number(reference)
+    a, b = _seconds_of_day(prediction), _seconds_of_day(reference)
     if a is None or b is None:
         return None
-    if a[0] == b[0]:
-        return Verdict(True, "symbolic")
-    if a[1] or b[1]:
-        return None
-    return Verdict(False, "not_equivalent")
+    return Verdict(a == b, "exact" if a == b else "not_equivalent")
+
+
+# ---------------------------------------------------------------------------------------------
+# Text answers: a letter (a choice, a point) or words
+# ---------------------------------------------------------------------------------------------
+
+_TEXT_WRAPPER = re.compile(r"\\(?:text|textrm|textnormal|textbf|mathrm|mathbf|mathcal|mathit|mbox)\s*\{([^{}]*)\}")
+_LETTER = re.compile(r"\(?([A-Za-z])\)?('*)")
+_WORDS = re.compile(r"[A-Za-z]{2,}(?: [A-Za-z]{2,})*")
+
+
+def compare_text(prediction: str, reference: str) -> Verdict | None:
+    """Letters and words compared as text; ``None`` when either side is not plain text.
+
+    A single letter (a choice ``(C)``, a point ``E'``) must match exactly, case and primes
+    included: ``E'`` is not ``E``. Words match ignoring case: ``East`` is ``east``. Font and text
+    commands around them are dropped: ``\\text{(C)}`` is ``C``, ``\\mathcal{B}`` is ``B``.
+    """
+    a, b = (_TEXT_WRAPPER.sub(r"\1", s).strip().strip("$").strip().rstrip(".") for s in (prediction, reference))
+    if (la := _LETTER.fullmatch(a)) and (lb := _LETTER.fullmatch(b)):
+        return Verdict(la.groups() == lb.groups(), "exact" if la.groups() == lb.groups() else "not_equivalent")
+    if _WORDS.fullmatch(a) and _WORDS.fullmatch(b):
+        return Verdict(a.lower() == b.lower(), "exact" if a.lower() == b.lower() else "not_equivalent")
+    return None
 
 
 # Up to this length the parent normalises in-process (microseconds); longer strings are normalised
@@ -422,10 +665,14 @@ class AnswerChecker:
             return self._remember(key, Verdict(True, "exact")), key
         if self.mode == "exact":
             return self._remember(key, Verdict(False, "not_equivalent")), key
-        numeric = _compare_plain_numbers(pred, ref)
+        numeric = compare_numbers(pred, ref)
         if numeric is not None:
             self.stats.numeric_hits += 1
             return self._remember(key, numeric), key
+        for compare in (compare_text, compare_times):
+            verdict = compare(pred, ref)
+            if verdict is not None:
+                return self._remember(key, verdict), key
         return None, key
 
     def _remember(self, key: tuple[str, str], verdict: Verdict) -> Verdict:
