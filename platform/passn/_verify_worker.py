@@ -21,6 +21,17 @@ _PARSE_CACHE = True
 _PROSE_WORD = re.compile(r"(?<![\\\\{A-Za-z])[A-Za-z]{3,}(?![A-Za-z}])")
 
 
+_UPRIGHT_CONSTANT = re.compile(r"\\mathrm\{\s*([ei])\s*\}")
+
+
+def _broken_prefix(extracted: object, answer: str) -> bool:
+    """math-verify stopped inside the answer and kept an unclosed group: what it parsed is not the answer."""
+    if not isinstance(extracted, str) or extracted.count("{") == extracted.count("}"):
+        return False
+    short, full = extracted.replace(" ", ""), answer.replace(" ", "")
+    return len(short) < len(full) and full.startswith(short)
+
+
 @functools.lru_cache(maxsize=1 << 16)
 def _parse(answer: str) -> tuple:
     """math-verify's parse of one answer, cached: a reference is compared with many predictions."""
@@ -31,7 +42,10 @@ def _parse(answer: str) -> tuple:
     # An answer that delimits its own math ("$x \\geq 5$ is the solution") or is a sentence ("Jane
     # started 3 hours ago") is parsed as written, for math-verify to find the expression in it.
     as_written = "$" in answer or "\\(" in answer or "\\[" in answer or len(_PROSE_WORD.findall(answer)) >= 2
+    answer = _UPRIGHT_CONSTANT.sub(r"\1", answer)  # \mathrm{e} stops math-verify's parse mid-answer
     parsed = parse(answer if as_written else f"${answer}$", extraction_config=config, parsing_timeout=None)
+    if any(_broken_prefix(p, answer) for p in parsed):
+        return ()  # math-verify read only a broken prefix ("1 - \frac{1}{"): no parse, not a verdict on it
     return tuple(parsed)
 
 

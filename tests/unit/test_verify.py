@@ -295,7 +295,9 @@ def test_shapes_the_graders_agree_on_are_accepted(checker, pred, ref):
 
 
 @pytest.mark.parametrize(("pred", "ref"), [("3.14", r"\pi"), ("x = 4", "3"), ("7 3/5", r"\frac{31}{4}"),
-                                           ("08:34 AM", "20:34"), ("E", "F"), ("1+2i", "1-2i")])
+                                           ("08:34 AM", "20:34"), ("E", "F"), ("1+2i", "1-2i"),
+                                           # math-verify alone reads both as 1: its parse stops at \mathrm{e}
+                                           (r"1 + \frac{1}{\mathrm{e}}", r"1 - \frac{1}{\mathrm{e}}")])
 def test_near_misses_are_rejected(checker, pred, ref):
     assert not checker.check(pred, ref).correct, (pred, ref)
 
