@@ -9,12 +9,16 @@ or, where vLLM cannot run, a transformers model sampled by ``passn.generation`` 
     pool.load_weights(new_model_dir, version=3)   # swap weights in the running engines
 
 Prompts are split into units (``passn.sampling.plan_work``) and spread over the actors; a unit
-whose actor dies is re-run on the restarted actor, so no prompt is lost or counted twice. Prompts
+whose actor dies is re-run on the restarted actor, so no prompt is lost or counted twice. Retries
+are bounded by time, not by a count: the pool waits for a restarted actor to come back (however
+slow the machine) and gives a unit up only ``retry_deadline_s`` after its first failure. Prompts
 longer than the model allows are skipped with a reason instead of failing the batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -28,6 +32,8 @@ from passn.sampling import Completion, Skipped, Work, plan_work
 # that finds the marker file PATH absent creates it and kills its actor
 FAULT_ENV = "PASSN_FAULT_SAMPLER_DIE_ONCE"
 HANG_ENV = "PASSN_FAULT_SAMPLER_HANG_ONCE"  # a marker path: the first request that finds it absent hangs
+# fault injection: seconds an actor restarted after FAULT_ENV's death takes to come back (a busy machine)
+SLOW_RESTART_ENV = "PASSN_FAULT_SAMPLER_SLOW_RESTART_S"
 ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_NO_USAGE_STATS": "1", "VLLM_LOGGING_LEVEL": "WARNING",
               "TOKENIZERS_PARALLELISM": "false"}
 
@@ -146,6 +152,9 @@ class SamplerActor:
     def __init__(self, backend: str, model_dir: str, max_model_len: int, kv_cache_bytes: int, dtype: str,
                  seed: int, version: int = 0, sleep_when_idle: bool = False,
                  gpu_memory_utilization: float | None = None) -> None:
+        died = os.environ.get(FAULT_ENV, "").partition(":")[0]
+        if died and os.path.exists(died) and SLOW_RESTART_ENV in os.environ:
+            time.sleep(float(os.environ[SLOW_RESTART_ENV]))
         self.engine = ENGINES[backend](model_dir, max_model_len, kv_cache_bytes, dtype, seed, sleep_when_idle,
                                        gpu_memory_utilization)
         self.tokenizer = self.engine.tokenizer
@@ -197,16 +206,24 @@ class SamplerActor:
         return out
 
 
+@dataclasses.dataclass
+class _Failures:
+    """A unit's failures so far: how many, and when the first was (its retry deadline counts from it)."""
+
+    count: int = 0
+    first: float = math.inf
+
+
 class SamplerPool:
     """M sampler actors over one model folder (see the module docstring)."""
 
     def __init__(self, model_dir: str, num_actors: int = 1, backend: str = "vllm", max_model_len: int = 64,
                  kv_cache_bytes: int = 64 << 20, dtype: str = "float32", seed: int = 0,
                  cpus_per_actor: float = 0.5, gpus_per_actor: float = 0.0, prompts_per_unit: int = 64,
-                 max_samples_per_request: int = 256, max_retries: int = 3,
+                 max_samples_per_request: int = 256, retry_deadline_s: float = 600.0,
                  unit_timeout_s: float | None = None, version: int = 0, scheduling_strategy: Any = None,
                  sleep_when_idle: bool = False, start_timeout_s: float | None = None) -> None:
-        env = {**ENGINE_ENV, **{k: os.environ[k] for k in (FAULT_ENV, HANG_ENV) if k in os.environ}}
+        env = {**ENGINE_ENV, **{k: os.environ[k] for k in (FAULT_ENV, HANG_ENV, SLOW_RESTART_ENV) if k in os.environ}}
         options = {"num_cpus": cpus_per_actor, "num_gpus": gpus_per_actor, "runtime_env": {"env_vars": env}}
         if scheduling_strategy is not None:  # e.g. pinned to the node of the training worker that owns it
             options["scheduling_strategy"] = scheduling_strategy
@@ -218,7 +235,7 @@ class SamplerPool:
                        for _ in range(num_actors)]
         self.model_dir, self.version, self.backend = model_dir, version, backend
         self.prompts_per_unit, self.max_samples = prompts_per_unit, max_samples_per_request
-        self.max_retries, self.unit_timeout_s = max_retries, unit_timeout_s
+        self.retry_deadline_s, self.unit_timeout_s = retry_deadline_s, unit_timeout_s
         up = [a.state.remote() for a in self.actors]
         _, pending = ray.wait(up, num_returns=len(up), timeout=start_timeout_s)
         if pending:  # e.g. no node with the requested resources free: never wait forever
@@ -234,18 +251,19 @@ class SamplerPool:
         """``samples_per_prompt`` completions of every prompt (temperature 0: the greedy one).
 
         A unit whose actor dies, or that runs past ``unit_timeout_s`` (its actor is then killed and
-        restarted), is re-run on the next actor, at most ``max_retries`` times.
+        restarted), is re-run on the next actor once the actors are back; a unit still failing
+        ``retry_deadline_s`` after its first failure is given up (an error).
         """
         if temperature == 0 and samples_per_prompt != 1:
             raise ValueError("greedy decoding (temperature 0) gives one completion per prompt")
         units = plan_work(len(prompts), samples_per_prompt, self.max_samples, self.prompts_per_unit)
-        attempts = {i: 0 for i in range(len(units))}  # unfinished unit -> failures so far
+        failures: dict[int, _Failures] = {i: _Failures() for i in range(len(units))}  # unfinished units
         completions: list[Completion] = []
         skipped: dict[int, Skipped] = {}
-        while attempts:
+        while failures:
             running = {}  # ref -> (unit, actor)
-            for slot, u in enumerate(sorted(attempts)):
-                actor = self.actors[(slot + attempts[u]) % len(self.actors)]  # a retry moves to the next actor
+            for slot, u in enumerate(sorted(failures)):
+                actor = self.actors[(slot + failures[u].count) % len(self.actors)]  # a retry moves to the next actor
                 unit = units[u]
                 ref = actor.generate.remote([(i, prompts[i]) for i in unit.prompt_indices], unit, temperature,
                                             max_new_tokens, seed, self.version)
@@ -259,21 +277,21 @@ class SamplerPool:
                 if not ready:  # past the deadline: restart the actors still busy, re-run their units
                     for ref, (u, actor) in running.items():
                         ray.kill(actor, no_restart=False)
-                        self._failed(attempts, u, f"ran past {self.unit_timeout_s} s per unit")
+                        self._failed(failures[u], u, f"ran past {self.unit_timeout_s} s per unit")
                     break
                 u, _ = running.pop(ready[0])
                 try:
                     done, skip = ray.get(ready[0])
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, StaleVersion) as exc:
                     # a dead actor, or one restarted since the last push: the unit runs again after a resync
-                    self._failed(attempts, u, type(exc).__name__)
+                    self._failed(failures[u], u, type(exc).__name__)
                     continue
                 completions += done
                 for s in skip:
                     skipped[s.prompt_index] = s
-                del attempts[u]
-            if attempts:
-                self._resync()
+                del failures[u]
+            if failures:
+                self._resync(min(f.first for f in failures.values()) + self.retry_deadline_s)
         completions.sort(key=lambda c: (c.prompt_index, c.sample_index))
         # every prompt not skipped exactly samples_per_prompt times, each sample index once
         seen = [(c.prompt_index, c.sample_index) for c in completions]
@@ -283,33 +301,48 @@ class SamplerPool:
                                "(a prompt lost or counted twice): refusing to use them")
         return completions, sorted(skipped.values(), key=lambda s: s.prompt_index)
 
-    def _failed(self, attempts: dict[int, int], unit: int, why: str) -> None:
-        attempts[unit] += 1
-        if attempts[unit] > self.max_retries:
-            raise RuntimeError(f"sampling unit {unit} failed {attempts[unit]} times (last: {why}): giving up")
+    def _failed(self, failures: _Failures, unit: int, why: str) -> None:
+        now = time.monotonic()
+        failures.count += 1
+        failures.first = min(failures.first, now)
+        if now - failures.first > self.retry_deadline_s:
+            raise RuntimeError(f"sampling unit {unit} still failing {self.retry_deadline_s:.0f} s after its first "
+                               f"failure ({failures.count} failures, last: {why}): giving up")
 
-    def _resync(self) -> None:
-        """After an actor restart its engine holds the first model: bring it to the current one."""
-        for actor in self.actors:
+    def _wait_until_up(self, actor: Any, deadline: float) -> dict[str, Any] | None:
+        """The actor's state once it answers (a restart can take minutes on a busy machine); None if
+        it is dead for good or still down at ``deadline``."""
+        while True:
             try:
-                state = ray.get(actor.state.remote())
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                continue
-            if state["version"] != self.version:
+                return ray.get(actor.state.remote(), timeout=max(0.1, deadline - time.monotonic()))
+            except ray.exceptions.ActorUnavailableError:  # restarting: ask again shortly
+                if time.monotonic() >= deadline:
+                    return None
+                time.sleep(0.2)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                return None
+
+    def _resync(self, deadline: float) -> None:
+        """Wait for restarted actors, then bring each to the current weights (a restart holds the first model)."""
+        for actor in self.actors:
+            state = self._wait_until_up(actor, deadline)
+            if state is not None and state["version"] != self.version:
                 ray.get(actor.load_weights.remote(self.model_dir, self.version))
 
     def load_weights(self, model_dir: str, version: int, timeout_s: float | None = None) -> None:
         """Swap every engine to ``model_dir`` and tag it ``version``; requests then need that version.
 
-        Past ``timeout_s`` this raises (naming the actors not done) rather than leave a stale pool;
-        requests keep carrying the old version, so a half-synced pool refuses them too.
+        Past ``timeout_s`` (default: the pool's ``retry_deadline_s``) this raises (naming the actors
+        not done) rather than leave a stale pool; requests keep carrying the old version, so a
+        half-synced pool refuses them too. An actor that dies while loading is waited for and loaded again.
         """
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        timeout_s = self.retry_deadline_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
         todo = dict(enumerate(self.actors))
-        for attempt in range(self.max_retries + 1):
+        while todo:
             refs = {i: a.load_weights.remote(model_dir, version) for i, a in todo.items()}
-            wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
-            _, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=wait_s)
+            _, pending = ray.wait(list(refs.values()), num_returns=len(refs),
+                                  timeout=max(0.0, deadline - time.monotonic()))
             if pending:
                 late = [i for i, r in refs.items() if r in pending]
                 raise TimeoutError(f"weight sync to version {version} ({model_dir}) not done by sampler actors "
@@ -319,11 +352,11 @@ class SamplerPool:
                 try:
                     ray.get(ref)
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                    failed[i] = todo[i]  # died during the load: Ray restarts it; load again
-            if not failed:
-                break
-            if attempt == self.max_retries:
-                raise RuntimeError(f"sampler actors {sorted(failed)} died {attempt + 1} times loading {model_dir}")
+                    failed[i] = todo[i]  # died during the load: Ray restarts it; load again once it is back
+            for i, actor in failed.items():
+                if self._wait_until_up(actor, deadline) is None:
+                    raise RuntimeError(f"sampler actor {i} died loading {model_dir} and was not back before "
+                                       "the weight sync's deadline")
             todo = failed
         self.model_dir, self.version = model_dir, version
 

@@ -95,8 +95,7 @@ def bench_model(checkpoint: str, theorems, passes: int, max_steps: int, provers:
 
 
 def _command(args: argparse.Namespace) -> int:
-    import ray
-
+    from jobs.cluster import ray_session
     from passn.prover import load_theorems
 
     theorems = load_theorems(args.theorems)[: args.limit]
@@ -105,8 +104,7 @@ def _command(args: argparse.Namespace) -> int:
     worker = bench_worker(theorems, args.passes, args.max_steps)
     print(f"  {worker['tactics_per_s']:,.0f} tactics/s ({worker['tactics']} tactics in {worker['seconds']} s)"
           f" | target >= 400/s per worker: {'met' if worker['tactics_per_s'] >= 400 else 'MISSED'}")
-    ray.init(include_dashboard=False, log_to_driver=False)
-    try:
+    with ray_session(num_cpus=os.cpu_count()):
         pool = bench_pool(theorems, args.passes, args.max_steps, args.provers)
         print(f"pool of {args.provers}: {pool['tactics_per_s']:,.0f} tactics/s ({pool['tactics']} tactics in "
               f"{pool['seconds']} s) | {pool['tactics_per_s'] / worker['tactics_per_s']:.2f}x one worker")
@@ -115,8 +113,6 @@ def _command(args: argparse.Namespace) -> int:
             model = bench_model(args.checkpoint, theorems, args.passes, args.max_steps, args.provers, args.backend)
             print(f"model: {model['rollouts_per_s']:.1f} rollouts/s ({model['rollouts']} rollouts in {model['seconds']} s,"
                   f" {model['tactics_per_s']:,.0f} tactics/s, {model['theorems_proved']} theorems proved)")
-    finally:
-        ray.shutdown()
     result = {"worker": worker, "pool": pool, "model": model, "cpus": os.cpu_count(), "theorems": args.theorems,
               "passes": args.passes, "max_steps": args.max_steps, "backend": args.backend}
     write_result(args.out, result)

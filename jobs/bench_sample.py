@@ -65,7 +65,7 @@ def bench_cpu(prompts: int, samples: int, max_new_tokens: int, hidden: int, laye
     import torch
 
     from actors.sampler import SamplerPool
-    from jobs.train import _runtime_env
+    from jobs.cluster import ray_session
     from passn.config import TinyModelSpec
     from passn.models import build_tiny_model
 
@@ -77,11 +77,10 @@ def bench_cpu(prompts: int, samples: int, max_new_tokens: int, hidden: int, laye
     tokenizer.save_pretrained(folder)
     params = sum(p.numel() for p in model.parameters())
     requests = _prompts(prompts, seed=0)
-    ray.init(include_dashboard=False, runtime_env=_runtime_env(), num_cpus=os.cpu_count(), log_to_driver=False)
     result: dict[str, Any] = {"model_parameters": params, "prompts": prompts, "samples_per_prompt": samples,
                               "max_new_tokens": max_new_tokens, "cpus": os.cpu_count(), "dtype": dtype,
                               "core_matmul_peak_flops": core_matmul_peak(dtype)}
-    try:
+    with ray_session(num_cpus=os.cpu_count()):
         for backend in ("vllm", "transformers"):
             pool = SamplerPool(folder, num_actors=1, backend=backend, max_model_len=spec.max_position_embeddings,
                                cpus_per_actor=1, prompts_per_unit=prompts, max_samples_per_request=samples,
@@ -101,8 +100,6 @@ def bench_cpu(prompts: int, samples: int, max_new_tokens: int, hidden: int, laye
                                    "model_flops": 2 * params * tokens / best}
             finally:
                 pool.shutdown()
-    finally:
-        ray.shutdown()
     result["generate_per_prompt"] = _cpu_generate_per_prompt(folder, requests, samples, max_new_tokens)
     result["ratio_vllm_over_transformers"] = result["vllm"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
     return result

@@ -31,7 +31,7 @@ def llama_1b():
                        tie_word_embeddings=False, torch_dtype="float32")
 
 
-def _batches(count: int, sequences: int, length: int, vocab: int, device) -> list[dict[str, torch.Tensor]]:
+def batches(count: int, sequences: int, length: int, vocab: int, device) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
     out = []
     for _ in range(count):
@@ -42,7 +42,7 @@ def _batches(count: int, sequences: int, length: int, vocab: int, device) -> lis
     return out
 
 
-def _time_steps(step_fn, batches, warmup: int) -> list[float]:
+def time_steps(step_fn, batches, warmup: int) -> list[float]:
     times = []
     for i, batch in enumerate(batches):
         torch.cuda.synchronize()
@@ -58,7 +58,7 @@ def plain_pytorch(objective: str, steps: int, sequences: int, length: int, warmu
     """The baseline: one process, autocast bf16, fp32 master weights, fused AdamW."""
     from transformers import LlamaForCausalLM
 
-    from jobs.train import _per_sequence_loss
+    from jobs.train import per_sequence_loss
     from passn import objectives
     from passn.config import load_config
 
@@ -71,13 +71,13 @@ def plain_pytorch(objective: str, steps: int, sequences: int, length: int, warmu
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = model(input_ids=batch["inputs_BT"], attention_mask=batch["attention_BT"]).logits
         token_logp = objectives.token_logprobs(logits, batch["targets_BT"])
-        loss_B, _ = _per_sequence_loss(cfg, token_logp, batch["mask_BT"])
+        loss_B, _ = per_sequence_loss(cfg, token_logp, batch["mask_BT"])
         (loss_B.sum() / len(loss_B)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    times = _time_steps(step, _batches(steps, sequences, length, 32000, "cuda"), warmup)
+    times = time_steps(step, batches(steps, sequences, length, 32000, "cuda"), warmup)
     params = sum(p.numel() for p in model.parameters())
     del model, optimizer
     torch.cuda.empty_cache()
@@ -133,7 +133,7 @@ def _deepspeed_steps(config: dict[str, Any], device, label: str) -> dict[str, An
     their step times separately: the dco/ce difference without run-to-run noise."""
     from transformers import LlamaForCausalLM
 
-    from jobs.train import DeepSpeedEngine, _per_sequence_loss, _token_logp
+    from jobs.train import DeepSpeedEngine, per_sequence_loss, token_logp
     from passn.config import load_config
 
     kinds = ["dco", "ce"] if config["objective"] == "alternate" else [config["objective"]]
@@ -152,10 +152,10 @@ def _deepspeed_steps(config: dict[str, Any], device, label: str) -> dict[str, An
     def step(batch):
         kind = kinds[len(order) % len(kinds)]
         order.append(kind)
-        loss_B, _ = _per_sequence_loss(cfgs[kind], _token_logp(engine, batch), batch["mask_BT"])
+        loss_B, _ = per_sequence_loss(cfgs[kind], token_logp(engine, batch), batch["mask_BT"])
         engine.backward_and_step(loss_B.sum() / sequences)
 
-    times = _time_steps(step, _batches(config["steps"], sequences, config["length"], 32000, device), config["warmup"])
+    times = time_steps(step, batches(config["steps"], sequences, config["length"], 32000, device), config["warmup"])
     kinds_timed = order[config["warmup"]:]
     params = sum(p.numel() for p in engine.module.parameters()) if config["zero"] != 3 else config["params"]
     if config["precision"] == "torch_autocast":
@@ -194,9 +194,7 @@ def passn_path(objective: str, zero: int, steps: int, sequences: int, length: in
 def run(args: argparse.Namespace) -> int:
     import os
 
-    import ray
-
-    from jobs.train import _runtime_env
+    from jobs.cluster import ray_session
 
     if not torch.cuda.is_available():
         print("passn bench train needs a CUDA GPU (it compares GPU training paths)")
@@ -205,8 +203,7 @@ def run(args: argparse.Namespace) -> int:
     rows = [plain_pytorch("dco", **kw), plain_pytorch("ce", **kw)]
     params = rows[0]["params"]
     rows.append(raw_deepspeed("dco", 2, params=params, **kw))
-    ray.init(include_dashboard=False, runtime_env=_runtime_env(), num_gpus=1, num_cpus=os.cpu_count())
-    try:
+    with ray_session(num_cpus=os.cpu_count(), num_gpus=1):
         for objective, zero, precision in [("dco", 2, "deepspeed_bf16"), ("ce", 2, "deepspeed_bf16"),
                                            ("alternate", 2, "deepspeed_bf16"), ("dco", 1, "deepspeed_bf16"),
                                            ("dco", 0, "deepspeed_bf16"), ("dco", 2, "torch_autocast"),
@@ -218,8 +215,6 @@ def run(args: argparse.Namespace) -> int:
         for _ in range(args.pairs):
             pairs.append(plain_pytorch("dco", **kw)["s_per_step"] / passn_path("dco", 2, params=params, **kw)["s_per_step"])
             print(f"pair {len(pairs)}: passn ZeRO-2 / plain = {pairs[-1]:.3f}x", flush=True)
-    finally:
-        ray.shutdown()
     base = {r["objective"]: r["s_per_step"] for r in rows if r["path"] == "plain PyTorch"}
     print(f"\n{torch.cuda.get_device_name()} | {params / 1e9:.2f}B parameters | {args.sequences} x {args.length} tokens a step")
     print(f"{'path':58} {'objective':9} {'ZeRO':4} {'s/step':>7} {'tokens/s':>9} {'MFU':>6} {'vs plain':>8}")

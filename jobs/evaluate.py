@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import json
 import os
@@ -105,17 +106,17 @@ class Source:
 def run_evaluation(source: Source | str, cfg: RunConfig, samples: int, out: str, batch_problems: int = 64,
                    num_samplers: int = 1, limit: int | None = None) -> dict[str, Any]:
     """Evaluate ``source`` (a Source, or a checkpoint path) on the configured task's test split."""
-    import ray
     from tqdm import tqdm
 
     from actors.verifier import VerifierPool
-    from jobs.train import _absolute, _runtime_env, build_task
+    from jobs.cluster import absolute_path, ray_session
+    from jobs.train import build_task
 
     if isinstance(source, str):
         source = Source(checkpoint=source, samplers=num_samplers)
     if source.checkpoint is not None:  # verified before anything starts
-        source = dataclasses.replace(source, checkpoint=resolve_model_dir(_absolute(source.checkpoint)))
-    out = _absolute(out)  # type: ignore[assignment]
+        source = dataclasses.replace(source, checkpoint=resolve_model_dir(absolute_path(source.checkpoint)))
+    out = absolute_path(out)  # type: ignore[assignment]
     task = build_task(cfg)
     problems = task.problems("test")[:limit]
     rows = _read_rows(out)
@@ -125,53 +126,49 @@ def run_evaluation(source: Source | str, cfg: RunConfig, samples: int, out: str,
         print(f"resuming: {len(done)} of {len(problems)} problems already evaluated in {out}")
     k_grid = [k for k in cfg.evaluation.k_grid if k <= samples] or [1]
     needs_ray = source.checkpoint is not None or isinstance(task, MathTask)
-    started_here = needs_ray and not ray.is_initialized()
-    if started_here:
-        ray.init(include_dashboard=False, runtime_env=_runtime_env(), log_to_driver=False)
     fs, root = fsspec.core.url_to_fs(out)
     fs.makedirs(root, exist_ok=True)
-    pool = verifier = None
-    try:
-        pool = make_sampler(source, cfg)
-        verifier = VerifierPool(mode=cfg.task.answer_check) if isinstance(task, MathTask) else None
-        bar = tqdm(total=len(problems), initial=len(done), desc="problems", unit="problem", file=sys.stdout)
-        for start in range(0, len(todo), batch_problems):
-            batch = todo[start : start + batch_problems]
-            prompts = [task.render_prompt(p) for p in batch]
-            sampled, skipped = pool.generate(prompts, samples, cfg.sampling.temperature, cfg.sampling.max_new_tokens,
-                                             seed=cfg.sampling.seed + len(done) + start)
-            greedy, _ = pool.generate(prompts, 1, 0.0, cfg.sampling.max_new_tokens)
-            by_prompt = collections.defaultdict(list)
-            for c in sampled:
-                by_prompt[c.prompt_index].append(c)
-            greedy_by = {c.prompt_index: c for c in greedy}
-            skipped_by = {s.prompt_index: s.reason for s in skipped}
-            new_rows = []
-            for i, problem in enumerate(batch):
-                if i in skipped_by:
-                    new_rows.append({"uid": problem.uid, "skipped": skipped_by[i]})
-                    continue
-                texts = [c.text for c in by_prompt[i]] + [greedy_by[i].text]
-                answers = [task.extract(t) for t in texts]
-                if verifier is not None:  # math-verify on Ray actors, one cache for the whole run
-                    verdicts = verifier.check_many([(a, problem.answer) for a in answers])
-                else:
-                    verdicts = task.check_many([problem] * len(texts), texts)
-                ok = [v.correct for v in verdicts]
-                new_rows.append(problem_row(problem.uid, answers[:-1], ok[:-1], k_grid,
-                                            (texts[-1], greedy_by[i].confidence, ok[-1])))
-            rows += new_rows
-            with fs.open(f"{root}/{PROBLEMS_FILE}", "w") as f:  # whole file: works on S3 too
-                f.writelines(json.dumps(r) + "\n" for r in rows)
-            bar.update(len(batch))
-        bar.close()
-    finally:
-        if pool is not None:
-            pool.shutdown()
-        if verifier is not None:
-            verifier.shutdown()
-        if started_here:
-            ray.shutdown()
+    with ray_session() if needs_ray else contextlib.nullcontext():
+        pool = verifier = None
+        try:
+            pool = make_sampler(source, cfg)
+            verifier = VerifierPool(mode=cfg.task.answer_check) if isinstance(task, MathTask) else None
+            bar = tqdm(total=len(problems), initial=len(done), desc="problems", unit="problem", file=sys.stdout)
+            for start in range(0, len(todo), batch_problems):
+                batch = todo[start : start + batch_problems]
+                prompts = [task.render_prompt(p) for p in batch]
+                sampled, skipped = pool.generate(prompts, samples, cfg.sampling.temperature, cfg.sampling.max_new_tokens,
+                                                 seed=cfg.sampling.seed + len(done) + start)
+                greedy, _ = pool.generate(prompts, 1, 0.0, cfg.sampling.max_new_tokens)
+                by_prompt = collections.defaultdict(list)
+                for c in sampled:
+                    by_prompt[c.prompt_index].append(c)
+                greedy_by = {c.prompt_index: c for c in greedy}
+                skipped_by = {s.prompt_index: s.reason for s in skipped}
+                new_rows = []
+                for i, problem in enumerate(batch):
+                    if i in skipped_by:
+                        new_rows.append({"uid": problem.uid, "skipped": skipped_by[i]})
+                        continue
+                    texts = [c.text for c in by_prompt[i]] + [greedy_by[i].text]
+                    answers = [task.extract(t) for t in texts]
+                    if verifier is not None:  # math-verify on Ray actors, one cache for the whole run
+                        verdicts = verifier.check_many([(a, problem.answer) for a in answers])
+                    else:
+                        verdicts = task.check_many([problem] * len(texts), texts)
+                    ok = [v.correct for v in verdicts]
+                    new_rows.append(problem_row(problem.uid, answers[:-1], ok[:-1], k_grid,
+                                                (texts[-1], greedy_by[i].confidence, ok[-1])))
+                rows += new_rows
+                with fs.open(f"{root}/{PROBLEMS_FILE}", "w") as f:  # whole file: works on S3 too
+                    f.writelines(json.dumps(r) + "\n" for r in rows)
+                bar.update(len(batch))
+            bar.close()
+        finally:
+            if pool is not None:
+                pool.shutdown()
+            if verifier is not None:
+                verifier.shutdown()
     summary = summarise(rows, k_grid)
     summary.update(**source.describe(), task=task.name, temperature=cfg.sampling.temperature, finished=time.time())
     with fs.open(f"{root}/{SUMMARY_FILE}", "w") as f:

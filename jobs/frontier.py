@@ -22,7 +22,7 @@ from typing import Any
 
 import fsspec
 
-from jobs.sweep import _exists
+from jobs.cluster import path_exists
 from passn import sweeps
 
 
@@ -32,19 +32,19 @@ def read_results(directory: str) -> list[dict[str, Any]]:
     from passn.config import load_config
 
     directory = directory.rstrip("/")
-    if _exists(f"{directory}/{sweeps.SWEEP_FILE}"):
+    if path_exists(f"{directory}/{sweeps.SWEEP_FILE}"):
         with fsspec.open(f"{directory}/{sweeps.SWEEP_FILE}", "r") as f:
             spec = json.load(f)
         rows = []
         for trial in spec["trials"]:
             path = f"{directory}/trials/{trial['name']}/{sweeps.RESULTS_FILE}"
-            if not _exists(path):
+            if not path_exists(path):
                 print(f"passn frontier: {directory}: trial {trial['name']} is not finished: left out", file=sys.stderr)
                 continue
             with fsspec.open(path, "r") as f:
                 rows += [json.loads(line) for line in f if line.strip()]
         return rows
-    if _exists(f"{directory}/eval") and _exists(f"{directory}/config.yaml"):
+    if path_exists(f"{directory}/eval") and path_exists(f"{directory}/config.yaml"):
         cfg = load_config(f"{directory}/config.yaml", [])  # local or s3://
         name = directory.rsplit("/", 1)[-1]
         return sweeps.result_rows(name, cfg.objective.kind, cfg.objective.budget, cfg.seed,
@@ -55,7 +55,7 @@ def read_results(directory: str) -> list[dict[str, Any]]:
 
 def _trial_dirs(directory: str) -> dict[str, str]:
     directory = directory.rstrip("/")
-    if _exists(f"{directory}/{sweeps.SWEEP_FILE}"):
+    if path_exists(f"{directory}/{sweeps.SWEEP_FILE}"):
         with fsspec.open(f"{directory}/{sweeps.SWEEP_FILE}", "r") as f:
             return {t["name"]: f"{directory}/trials/{t['name']}" for t in json.load(f)["trials"]}
     return {directory.rsplit("/", 1)[-1]: directory}
@@ -85,7 +85,7 @@ def write_report(directories: list[str], out: str, epoch: int | None = None) -> 
     plots.plot_frontier(curves, front, str(local / "frontier.png"))
     for d in directories:
         for name, trial_dir in _trial_dirs(d).items():
-            summaries = sweeps.read_epoch_summaries(trial_dir) if _exists(f"{trial_dir}/eval") else []
+            summaries = sweeps.read_epoch_summaries(trial_dir) if path_exists(f"{trial_dir}/eval") else []
             if summaries:
                 picks = sorted({0, len(summaries) // 3, 2 * len(summaries) // 3, len(summaries) - 1})
                 plots.plot_confidence_by_epoch([summaries[i] for i in picks], str(local / f"confidence_{name}.png"),

@@ -54,17 +54,17 @@ def _loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
 
 
 def _timed(step, profile: bool) -> tuple[float, str | None]:
-    from jobs.bench_train import _batches, _time_steps
+    from jobs.bench_train import batches, time_steps
 
-    batches = _batches(STEPS, SEQUENCES, LENGTH, VOCAB, "cuda")  # the same batches as passn bench train
-    times = _time_steps(step, batches, WARMUP)
+    data = batches(STEPS, SEQUENCES, LENGTH, VOCAB, "cuda")  # the same batches as passn bench train
+    times = time_steps(step, data, WARMUP)
     table = None
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as profiler
 
         with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
-            for batch in batches[:3]:
+            for batch in data[:3]:
                 step(batch)
             torch.cuda.synchronize()
         table = p.key_averages().table(sort_by="cuda_time_total", row_limit=25)

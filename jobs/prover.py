@@ -194,9 +194,9 @@ class ProveOptions:
 
 def _model_dir(checkpoint: str) -> str:
     from jobs.evaluate import resolve_model_dir
-    from jobs.train import _absolute
+    from jobs.cluster import absolute_path
 
-    return resolve_model_dir(_absolute(checkpoint))  # type: ignore[arg-type]
+    return resolve_model_dir(absolute_path(checkpoint))  # type: ignore[arg-type]
 
 
 def run_model(label: str, checkpoint: str, passes: int, theorems: Sequence[Theorem], provers,
@@ -245,10 +245,8 @@ def run_model(label: str, checkpoint: str, passes: int, theorems: Sequence[Theor
 def run_prove(checkpoints: Sequence[str], theorems_path: str, out: str, opts: ProveOptions,
               baseline: str | None = None, limit: int | None = None) -> dict[str, Any]:
     """Search the theorems with the models (their passes pooled) and the baseline; write results."""
-    import ray
-
     from actors.prover import COQIDETOP, INSTALL_HINT, ProverPool
-    from jobs.train import _runtime_env
+    from jobs.cluster import ray_session
     from passn import plots
 
     if shutil.which(COQIDETOP) is None:
@@ -263,18 +261,14 @@ def run_prove(checkpoints: Sequence[str], theorems_path: str, out: str, opts: Pr
     models = {f"model{m}": (c, p) for m, (c, p) in enumerate(zip(checkpoints, split_passes(opts.passes, len(checkpoints))))}
     if baseline:
         models["baseline"] = (baseline, opts.passes)
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(include_dashboard=False, runtime_env=_runtime_env(), log_to_driver=False)
-    provers = ProverPool(opts.provers, timeout_s=opts.tactic_timeout_s, reject_axioms=opts.reject_axioms)
     started = time.perf_counter()
-    try:
-        results = {label: run_model(label, c, p, theorems, provers, opts, root) for label, (c, p) in models.items()}
-        prover_stats = provers.stats()
-    finally:
-        provers.shutdown()
-        if started_here:
-            ray.shutdown()
+    with ray_session():
+        provers = ProverPool(opts.provers, timeout_s=opts.tactic_timeout_s, reject_axioms=opts.reject_axioms)
+        try:
+            results = {label: run_model(label, c, p, theorems, provers, opts, root) for label, (c, p) in models.items()}
+            prover_stats = provers.stats()
+        finally:
+            provers.shutdown()
     wanted = {t.id for t in theorems}
     ensemble = pooled_rows([[r for r in results[f"model{m}"] if r["id"] in wanted] for m in range(len(checkpoints))])
     with (root / THEOREMS_FILE).open("w") as f:

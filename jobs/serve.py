@@ -109,12 +109,12 @@ def resolve_models(checkpoints: dict[str, str], kv_cache_mb: int, dtype: str | N
                    max_batch: int) -> dict[str, dict]:
     """{model id: folder} -> {model id: ModelServer arguments}, each checkpoint verified first."""
     from jobs.evaluate import resolve_model_dir
-    from jobs.train import _absolute
+    from jobs.cluster import absolute_path
     from passn.models import folder_limits
 
     models = {}
     for model_id, folder in checkpoints.items():
-        model_dir = resolve_model_dir(_absolute(folder))
+        model_dir = resolve_model_dir(absolute_path(folder))
         max_len, saved_dtype = folder_limits(model_dir)
         models[model_id] = {"model_dir": model_dir, "max_model_len": max_len, "kv_cache_bytes": kv_cache_mb << 20,
                             "dtype": dtype or saved_dtype, "max_batch_size": max_batch}
@@ -154,19 +154,17 @@ def app_builder(args: dict[str, str]):
 
 
 def serve_forever(models: dict, digest: str | None, limits, args: argparse.Namespace) -> int:
-    import ray
     from ray import serve
     from ray.serve.config import HTTPOptions
 
     from actors.serve import build_app
-    from jobs.train import _runtime_env
+    from jobs.cluster import ray_session
 
     address = args.address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, include_dashboard=False, runtime_env=_runtime_env(), log_to_driver=False)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own SIGTERM handler
-        signal.signal(sig, lambda *_: stop.set())
-    try:
+    with ray_session(address):
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own SIGTERM handler
+            signal.signal(sig, lambda *_: stop.set())
         serve.start(http_options=HTTPOptions(host=args.host, port=args.port,
                                              request_timeout_s=args.request_timeout + 30))
         app = build_app(models, digest, limits, request_timeout_s=args.request_timeout, health_timeout_s=30.0,
@@ -182,7 +180,5 @@ def serve_forever(models: dict, digest: str | None, limits, args: argparse.Names
         serve.delete(APP_NAME)
         if address is None:
             serve.shutdown()
-    finally:
-        ray.shutdown()
     print("passn serve: stopped", flush=True)
     return 0

@@ -66,11 +66,6 @@ def _read_json(path: str) -> Any:
         return json.load(f)
 
 
-def _exists(path: str) -> bool:
-    fs, p = fsspec.core.url_to_fs(path)
-    return fs.exists(p)
-
-
 def trial_config(spec: dict[str, Any], trial: dict[str, Any]):
     if spec["config_text"] is None:
         return load_config(None, trial["overrides"])
@@ -153,11 +148,11 @@ def run_sweep(spec: dict[str, Any], run_dir: str, max_failures: int = 2, address
     import ray
     from ray import tune
 
-    from jobs.train import _absolute, _runtime_env
+    from jobs.cluster import absolute_path, path_exists, ray_session
 
-    run_dir = str(_absolute(run_dir)).rstrip("/")
+    run_dir = str(absolute_path(run_dir)).rstrip("/")
     spec_path = f"{run_dir}/{sweeps.SWEEP_FILE}"
-    if _exists(spec_path):
+    if path_exists(spec_path):
         stored = _read_json(spec_path)
         if not resume and stored["trials"] != spec["trials"]:
             raise sweeps.SweepError(f"{run_dir} holds a different sweep: resume it with passn sweep --resume {run_dir}"
@@ -169,18 +164,13 @@ def run_sweep(spec: dict[str, Any], run_dir: str, max_failures: int = 2, address
         with fsspec.open(spec_path, "w") as f:
             json.dump(spec, f, indent=1)
     finished = {t["name"] for t in spec["trials"]
-                if _exists(f"{run_dir}/trials/{t['name']}/{sweeps.RESULTS_FILE}")}
+                if path_exists(f"{run_dir}/trials/{t['name']}/{sweeps.RESULTS_FILE}")}
     todo = [t for t in spec["trials"] if t["name"] not in finished]
     print(f"sweep: {len(spec['trials'])} trials in {run_dir}; {len(finished)} already finished"
           f"{' (skipped)' if finished else ''}, {len(todo)} to run", flush=True)
     if todo:
         first = trial_config(spec, todo[0]).resources
-        started_here = not ray.is_initialized()
-        if started_here:
-            address = address or os.environ.get("RAY_ADDRESS")
-            ray.init(address=address, include_dashboard=False, runtime_env=_runtime_env(), log_to_driver=False,
-                     **({} if address else {"num_cpus": max(2, os.cpu_count() or 2)}))
-        try:
+        with ray_session(address, num_cpus=max(2, os.cpu_count() or 2)):
             total = ray.cluster_resources()
             per_cpu = first.num_workers * first.cpus_per_worker
             per_gpu = first.num_workers * first.gpus_per_worker
@@ -200,9 +190,6 @@ def run_sweep(spec: dict[str, Any], run_dir: str, max_failures: int = 2, address
             )
             grid = tuner.fit()
             errors = [r.error for r in grid if r.error]
-        finally:
-            if started_here:
-                ray.shutdown()
         if errors:
             raise RuntimeError(f"{len(errors)} trial(s) failed after {max_failures} retries; the first: {errors[0]}")
     out = {}

@@ -30,9 +30,11 @@ import fsspec
 import numpy as np
 import torch
 
+from jobs.cluster import absolute_path, ray_session
 from passn import checkpoint as ckpt
 from passn import evaluation, objectives
-from passn.config import ConfigError, RunConfig, config_hash, load_config, to_yaml
+from passn.config import (ConfigError, RunConfig, config_hash, load_config, to_yaml, training_differences,
+                          training_fields, training_hash)
 from passn.data import CandidateStream, Example, collate, encode_examples, refill
 from passn.models import load_model, load_tokenizer, write_model_folder
 from passn.tasks import DataError, MathTask, SyntheticTask, Task
@@ -93,6 +95,21 @@ def check_before_training(cfg: RunConfig, run_dir: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Engines: DeepSpeed (default) or torch DDP, behind one small interface
 # ---------------------------------------------------------------------------------------------
+
+
+def check_resumable(manifest: dict[str, Any], cfg: RunConfig, run_dir: str) -> None:
+    """A checkpoint resumes only under a configuration that trains the same thing; operational
+    fields (checkpoint cadence, kept checkpoints, timeouts, evaluation) may change."""
+    if "training_hash" in manifest:
+        if manifest["training_hash"] == training_hash(cfg):
+            return
+        changed = "; ".join(training_differences(manifest.get("training_fields", {}), cfg))
+    elif manifest["config_hash"] == config_hash(cfg):  # a checkpoint written before training hashes
+        return
+    else:
+        changed = f"configuration hash {manifest['config_hash'][:12]}, now {config_hash(cfg)[:12]}"
+    raise ConfigError(f"{run_dir} was trained with another configuration ({changed}): resume with the same "
+                      "training fields or use a new --run-dir")
 
 
 def _lr_lambda(warmup_steps: int):
@@ -281,7 +298,7 @@ def fault_marker(run_dir: str) -> Path:
     return Path(tempfile.gettempdir()) / f"passn-fault-{hashlib.sha256(run_dir.encode()).hexdigest()[:12]}"
 
 
-def _per_sequence_loss(cfg: RunConfig, token_logp_BT, mask_BT, values_B=None, kind: str | None = None):
+def per_sequence_loss(cfg: RunConfig, token_logp_BT, mask_BT, values_B=None, kind: str | None = None):
     """(loss_B, weight_B) of ``kind`` (default: the configured objective). ``values_B``: numbers
     fixed before the step: the DCOa weight F(N', p_MC), the Dr. GRPO advantage."""
     kind, norm = kind or cfg.objective.kind, cfg.objective.ce_normalisation
@@ -300,7 +317,7 @@ def _per_sequence_loss(cfg: RunConfig, token_logp_BT, mask_BT, values_B=None, ki
     raise ConfigError(f"objective.kind = {kind!r} is not trained by this loop")
 
 
-def _token_logp(engine, batch):
+def token_logp(engine, batch):
     logits_BTV = engine.forward(input_ids=batch["inputs_BT"], attention_mask=batch["attention_BT"]).logits
     return objectives.token_logprobs(logits_BTV, batch["targets_BT"])
 
@@ -346,9 +363,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     resumed = ckpt.newest_valid_checkpoint(run_dir, warn=say)
     if resumed is not None:
         m = resumed.manifest
-        if m["config_hash"] != config_hash(cfg):
-            raise ConfigError(f"{run_dir} was trained with another configuration (hash {m['config_hash'][:12]}, "
-                              f"now {config_hash(cfg)[:12]}): resume with the same config or use a new --run-dir")
+        check_resumable(m, cfg, run_dir)
         local = Path(tempfile.mkdtemp(prefix="passn-resume-"))
         # this rank's ZeRO shards (stage 2 and 3 name them by rank), the shared state files, the model
         mine = [f for f in m["files"] if f.startswith(("state/", "model/")) and
@@ -387,6 +402,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             merged = {k: v for per_rank in files for k, v in per_rank.items()}
             ckpt.write_manifest(remote, merged, step=step, epoch=stream.progress, epoch_end=epoch_end,
                                 objective=cfg.objective.model_dump(), config_hash=config_hash(cfg),
+                                training_hash=training_hash(cfg), training_fields=training_fields(cfg),
                                 data_position=stream.state(), world_size=world)
             ckpt.prune_checkpoints(run_dir, cfg.storage.keep_checkpoints)
             sink.flush()  # type: ignore[union-attr]
@@ -532,7 +548,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     weights_local = []
                     for start in range(0, len(local), micro):
                         batch = {k: v.to(device) for k, v in collate([train_examples[i] for i in local[start:start + micro]], pad).items()}
-                        seq_logp = objectives.sequence_logprob(_token_logp(engine, batch).double(), batch["mask_BT"])
+                        seq_logp = objectives.sequence_logprob(token_logp(engine, batch).double(), batch["mask_BT"])
                         weights_local.append(objectives.dco_weights(seq_logp, cfg.objective.budget))
                     w_local = torch.cat(weights_local) if weights_local else torch.zeros(0, dtype=torch.float64)
                 gathered: list[list[float]] = [None] * world  # type: ignore[list-item]
@@ -581,7 +597,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             part = mine[start : start + micro]
             batch = {k: v.to(device) for k, v in collate([e for e, _ in part], pad).items()}
             values_B = torch.tensor([v for _, v in part], dtype=torch.float64, device=device)
-            loss_B, weight_B = _per_sequence_loss(cfg, _token_logp(engine, batch), batch["mask_BT"], values_B,
+            loss_B, weight_B = per_sequence_loss(cfg, token_logp(engine, batch), batch["mask_BT"], values_B,
                                                   kind="ce" if warm_up else kind)
             engine.backward_and_step(loss_B.sum() / per_worker)
             loss_sum += float(loss_B.detach().sum())
@@ -662,24 +678,6 @@ def _online_metrics(online, gather, looked_at, trainer_version: int, train_s: fl
 # ---------------------------------------------------------------------------------------------
 
 
-def _runtime_env() -> dict[str, Any]:
-    # no credentials here: a runtime_env is recorded in Ray's metadata (dashboard, state API). Workers
-    # of a local cluster inherit the driver's environment; a cluster's nodes have their own (secrets).
-    keep = ("PYTHONPATH", "PASSN_MODEL_CACHE", "TORCH_EXTENSIONS_DIR", FAULT_ENV, "AWS_ENDPOINT_URL",
-            "AWS_DEFAULT_REGION", "PASSN_FAULT_SAMPLER_DIE_ONCE", "PASSN_FAULT_SAMPLER_HANG_ONCE")
-    env = {k: os.environ[k] for k in keep if k in os.environ}
-    env.update(RAY_USAGE_STATS_ENABLED="0", VLLM_NO_USAGE_STATS="1", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false",
-               RAY_TRAIN_ENABLE_PRINT_PATCH="0")  # else every rank-0 line is printed twice
-    return {"env_vars": env}
-
-
-def _absolute(path: str | None) -> str | None:
-    if path is None or "://" in path:
-        return path
-    return os.path.abspath(path)
-
-
 def local_cpus(cfg: RunConfig) -> int:
     """Logical CPUs for an embedded local cluster: the machine's, or enough for the training
     workers plus their sampler actors (Ray's CPUs are a scheduling count, not a pinning)."""
@@ -695,27 +693,21 @@ def local_cpus(cfg: RunConfig) -> int:
 def run_training(cfg: RunConfig, run_dir: str, address: str | None = None) -> list[dict[str, Any]]:
     """Train ``cfg`` into ``run_dir`` on a Ray cluster (local when ``address`` is None); returns the
     per-step metrics."""
-    import ray
     from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     # Ray workers run in their own working directories: relative local paths must be made absolute
-    run_dir = _absolute(run_dir)
+    run_dir = absolute_path(run_dir)
     cfg = cfg.model_copy(update={"task": cfg.task.model_copy(update={
-        "train_path": _absolute(cfg.task.train_path), "test_path": _absolute(cfg.task.test_path)})})
+        "train_path": absolute_path(cfg.task.train_path), "test_path": absolute_path(cfg.task.test_path)})})
     if cfg.model.path:
-        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": _absolute(cfg.model.path)})})
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": absolute_path(cfg.model.path)})})
     check_before_training(cfg, run_dir)
     fs, root = fsspec.core.url_to_fs(run_dir)
     fs.makedirs(root, exist_ok=True)
     with fs.open(f"{root}/config.yaml", "w") as f:
         f.write(to_yaml(cfg))
-    address = address or os.environ.get("RAY_ADDRESS")
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=address, include_dashboard=False, log_to_driver=True, runtime_env=_runtime_env(),
-                 **({} if address else {"num_cpus": local_cpus(cfg)}))
-    try:
+    with ray_session(address, log_to_driver=True, num_cpus=local_cpus(cfg)):
         r = cfg.resources
         use_gpu = r.gpus_per_worker > 0
         resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
@@ -728,9 +720,6 @@ def run_training(cfg: RunConfig, run_dir: str, address: str | None = None) -> li
                                     failure_config=FailureConfig(max_failures=r.max_failures)),
         )
         trainer.fit()
-    finally:
-        if started_here:
-            ray.shutdown()
     return read_metrics(run_dir)
 
 

@@ -162,7 +162,6 @@ class OptimConfig(_Strict):
 
 
 class SamplingConfig(_Strict):
-    samples_per_prompt: PositiveInt = 64
     temperature: Annotated[float, Field(ge=0)] = 1.0
     max_new_tokens: PositiveInt = 1024
     seed: int = 0
@@ -193,13 +192,13 @@ class EvaluationConfig(_Strict):
 
 
 class StorageConfig(_Strict):
-    """Where results go: a local folder or ``s3://bucket/prefix`` (credentials from the environment)."""
+    """When checkpoints are written and how many are kept. The run directory itself is the command's
+    ``--run-dir`` (a local folder or ``s3://bucket/prefix``; credentials and an S3 endpoint from the
+    environment: ``AWS_ENDPOINT_URL``)."""
 
-    run_dir: str | None = None
     checkpoint_every_steps: Annotated[int, Field(ge=0)] = 0
     checkpoint_every_epochs: PositiveInt = 1  # and always after the last epoch
     keep_checkpoints: PositiveInt = 3
-    s3_endpoint_url: str | None = None
 
 
 class ResourcesConfig(_Strict):
@@ -292,12 +291,23 @@ def _field_names(model: type[BaseModel], loc: Sequence[str | int]) -> list[str]:
     return list(model.model_fields)
 
 
+# Fields that once existed, and what to do instead.
+REMOVED_FIELDS = {
+    "sampling.samples_per_prompt": "it was never read: evaluation.samples_per_problem sets the in-loop samples, "
+                                   "objective.mc_samples DCOa's and objective.group_size Dr. GRPO's",
+    "storage.run_dir": "pass the run directory as --run-dir (local or s3://)",
+    "storage.s3_endpoint_url": "set AWS_ENDPOINT_URL in the environment (s3fs reads it)",
+}
+
+
 def _format_errors(exc: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for err in exc.errors():
         loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-after"))]
         path = ".".join(str(p) for p in loc) or "(top level)"
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "extra_forbidden" and path in REMOVED_FIELDS:
+            lines.append(f"  {path}: no longer a configuration field; {REMOVED_FIELDS[path]}")
+        elif err["type"] == "extra_forbidden":
             known = _field_names(RunConfig, loc[:-1])
             close = difflib.get_close_matches(str(loc[-1]), known, n=1)
             hint = f"did you mean '{'.'.join(map(str, loc[:-1] + [close[0]]))}'?" if close else f"known fields here: {', '.join(known)}"
@@ -397,9 +407,48 @@ def _with_overrides(tree: dict[str, Any], overrides: Sequence[str] | dict[str, A
 
 
 def config_hash(cfg: RunConfig) -> str:
-    """sha256 of the canonical JSON form: two configs that train the same thing hash the same."""
+    """sha256 of the canonical JSON form of the whole configuration."""
     canonical = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# Fields that change how a run is operated, not what it trains: a resume may change them.
+OPERATIONAL_FIELDS = (
+    "storage.checkpoint_every_steps", "storage.checkpoint_every_epochs", "storage.keep_checkpoints",
+    "resources.max_failures", "resources.sampler_sync_timeout_s", "resources.sampler_unit_timeout_s",
+    "resources.sampler_check_every", "evaluation.samples_per_problem", "evaluation.k_grid", "evaluation.every_epochs",
+)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def training_fields(cfg: RunConfig) -> dict[str, Any]:
+    """The dotted fields that decide what is trained (every field but :data:`OPERATIONAL_FIELDS`)."""
+    flat = _flatten(cfg.model_dump(mode="json"))
+    return {k: v for k, v in sorted(flat.items()) if k not in OPERATIONAL_FIELDS}
+
+
+def training_hash(cfg: RunConfig) -> str:
+    """sha256 of :func:`training_fields`: a run may resume under any config with the same hash."""
+    canonical = json.dumps(training_fields(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def training_differences(before: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """``field: old -> new`` for every training field that differs from ``before`` (a stored
+    :func:`training_fields`)."""
+    now = training_fields(cfg)
+    return [f"{k}: {before.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}" for k in sorted(set(before) | set(now))
+            if before.get(k, "(unset)") != now.get(k, "(unset)")]
 
 
 def to_yaml(cfg: RunConfig) -> str:

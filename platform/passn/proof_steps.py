@@ -12,7 +12,7 @@ import collections
 
 from passn.config import RunConfig
 from passn.prover import proof_prompt
-from passn.tasks import DataError, Problem, Rejected, Split, Task, _iter_rows
+from passn.tasks import DataError, Problem, Rejected, Split, Task, iter_rows
 
 FIELDS = ("theorem", "step", "state", "tactic")
 
@@ -61,7 +61,7 @@ class ProofStepTask(Task):
             raise DataError(f"no {split} data configured (set task.{split}_path to `passn prover extract`'s {split}.jsonl)")
         good, bad, dropped = [], [], collections.Counter()
         try:
-            for where, row in _iter_rows(source):
+            for where, row in iter_rows(source):
                 result = row.reason if isinstance(row, Rejected) else _problem(row)
                 if isinstance(result, str):
                     bad.append(f"{where}: {result}")

@@ -210,7 +210,7 @@ def _validate_math_row(row: Any, where: str) -> Problem | Rejected:
                    solution=row.get("solution") or "", meta=meta)
 
 
-def _iter_rows(source: str) -> Iterator[tuple[str, Any]]:
+def iter_rows(source: str) -> Iterator[tuple[str, Any]]:
     """(location, row) pairs from a JSONL file, a Parquet file or a save_to_disk folder."""
     fs, path = fsspec.core.url_to_fs(source)
     name = PurePosixPath(path).name
@@ -255,7 +255,7 @@ def load_math_problems(source: str, max_bad_fraction: float = 0.0, rejects_path:
     raised before anything trains.
     """
     try:
-        pairs = list(_iter_rows(source))
+        pairs = list(iter_rows(source))
     except FileNotFoundError as exc:
         raise DataError(f"{source}: no such file") from exc
     except PermissionError as exc:

@@ -2,11 +2,12 @@
 
 import math
 import os
+import time
 
 import pytest
 import ray
 
-from actors.sampler import FAULT_ENV, HANG_ENV, SamplerPool
+from actors.sampler import FAULT_ENV, HANG_ENV, SLOW_RESTART_ENV, SamplerPool
 from passn.config import TinyModelSpec
 from passn.evaluation import greedy_answers
 from passn.models import build_tiny_model
@@ -81,6 +82,34 @@ def test_sampling_is_deterministic_and_survives_a_killed_actor(ray_cluster, mode
     # every prompt exactly 20 times, the same samples as without the fault
     assert [(c.prompt_index, c.sample_index) for c in faulty] == [(c.prompt_index, c.sample_index) for c in first]
     assert [c.token_ids for c in faulty] == [c.token_ids for c in first]
+
+
+def test_a_retry_waits_for_a_slow_restart_and_a_deadline_ends_it(ray_cluster, models, tmp_path, monkeypatch):
+    """The only actor dies mid-request and takes 6 s to come back (a busy machine): the unit waits
+    for it instead of spending its retries on the restarting actor; with a 2 s deadline it gives up."""
+    folder, _, _ = models[0]
+    monkeypatch.setenv(SLOW_RESTART_ENV, "6")
+    reference = SamplerPool(folder, num_actors=1, backend="transformers")
+    try:
+        expected, _ = reference.generate(PROMPTS[:2], 4, temperature=1.0, max_new_tokens=4, seed=5)
+    finally:
+        reference.shutdown()
+    monkeypatch.setenv(FAULT_ENV, str(tmp_path / "died"))
+    pool = SamplerPool(folder, num_actors=1, backend="transformers")
+    try:
+        start = time.monotonic()
+        got, _ = pool.generate(PROMPTS[:2], 4, temperature=1.0, max_new_tokens=4, seed=5)
+        assert time.monotonic() - start >= 6  # it really waited for the restart
+        assert [c.token_ids for c in got] == [c.token_ids for c in expected]
+    finally:
+        pool.shutdown()
+    monkeypatch.setenv(FAULT_ENV, str(tmp_path / "died again"))
+    pool = SamplerPool(folder, num_actors=1, backend="transformers", retry_deadline_s=2)
+    try:
+        with pytest.raises(RuntimeError, match="still failing 2 s after its first failure"):
+            pool.generate(PROMPTS[:2], 4, temperature=1.0, max_new_tokens=4, seed=5)
+    finally:
+        pool.shutdown()
 
 
 @pytest.mark.parametrize("backend", ["vllm", "transformers"])

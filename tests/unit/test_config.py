@@ -89,3 +89,32 @@ def test_config_hash_is_stable_and_sensitive():
     b = config_hash(load_config(None, {"objective.budget": 4, "objective.kind": "dco"}))
     c = config_hash(load_config(None, ["objective.kind=dco", "objective.budget=8"]))
     assert a == b != c
+
+
+def test_operational_fields_do_not_block_a_resume_and_training_fields_do():
+    from jobs.train import check_resumable
+    from passn.config import training_fields, training_hash
+
+    trained = load_config(None, ["objective.kind=dco", "objective.budget=4"])
+    manifest = {"config_hash": config_hash(trained), "training_hash": training_hash(trained),
+                "training_fields": training_fields(trained)}
+    knobs = load_config(None, ["objective.kind=dco", "objective.budget=4", "storage.keep_checkpoints=9",
+                               "resources.sampler_sync_timeout_s=30", "storage.checkpoint_every_steps=5"])
+    assert training_hash(knobs) == training_hash(trained) and config_hash(knobs) != config_hash(trained)
+    check_resumable(manifest, knobs, "runs/x")  # no error
+    with pytest.raises(ConfigError, match=r"objective.budget: 4 -> 64"):
+        check_resumable(manifest, load_config(None, ["objective.kind=dco", "objective.budget=64"]), "runs/x")
+    # a checkpoint from before training hashes: the whole configuration must match
+    old = {"config_hash": config_hash(trained)}
+    check_resumable(old, trained, "runs/x")
+    with pytest.raises(ConfigError, match="configuration hash"):
+        check_resumable(old, knobs, "runs/x")
+
+
+@pytest.mark.parametrize(("field", "hint"), [("sampling.samples_per_prompt=8", "evaluation.samples_per_problem"),
+                                             ("storage.run_dir=runs/x", "--run-dir"),
+                                             ("storage.s3_endpoint_url=http://127.0.0.1:1", "AWS_ENDPOINT_URL")])
+def test_removed_fields_say_what_replaces_them(field, hint):
+    with pytest.raises(ConfigError, match="no longer a configuration field") as err:
+        load_config(None, [field])
+    assert hint in str(err.value)

@@ -35,7 +35,7 @@ def test_p_mc_summary_reports_the_distribution_and_the_worst_staleness():
 
 
 def test_dr_grpo_loss_of_the_training_loop_equals_the_hand_computation():
-    from jobs.train import _per_sequence_loss
+    from jobs.train import per_sequence_loss
     from passn import objectives
 
     cfg = load_config(None, ["objective.kind=dr_grpo", "objective.group_size=2", "optim.sequences_per_step=4",
@@ -53,7 +53,7 @@ def test_dr_grpo_loss_of_the_training_loop_equals_the_hand_computation():
     with torch.no_grad():
         logits = model(input_ids=batch["inputs_BT"], attention_mask=batch["attention_BT"]).logits
     token_logp = objectives.token_logprobs(logits, batch["targets_BT"])
-    loss_B, _ = _per_sequence_loss(cfg, token_logp, batch["mask_BT"], advantages)
+    loss_B, _ = per_sequence_loss(cfg, token_logp, batch["mask_BT"], advantages)
     step_loss = float(loss_B.sum() / len(examples))  # what the loop back-propagates
 
     # by hand: -J averaged over prompts, J = (1/G) sum_i A_i sum_t log p(o_i,t | q, o_i,<t)

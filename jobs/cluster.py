@@ -1,0 +1,71 @@
+"""The Ray cluster a passn command runs on, and the paths and environment its workers see.
+
+    with ray_session(address) as started_here:   # join RAY_ADDRESS / address, or start a local cluster
+        ...                                      # shut down on exit only if started here
+
+Every entry point (train, evaluate, sweep, serve, prove, the benchmarks) goes through
+:func:`ray_session`, so each starts or joins Ray the same way and none shuts down a cluster it did
+not start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+
+# fault injection, read by the workers of a local cluster: passed through the runtime environment
+FAULT_ENVS = ("PASSN_FAULT_KILL_RANK_AT_STEP", "PASSN_FAULT_SAMPLER_DIE_ONCE", "PASSN_FAULT_SAMPLER_HANG_ONCE",
+              "PASSN_FAULT_SAMPLER_SLOW_RESTART_S")
+
+
+def runtime_env() -> dict[str, Any]:
+    """Environment variables every Ray worker of a passn job gets.
+
+    No credentials here: a runtime_env is recorded in Ray's metadata (dashboard, state API). Workers
+    of a local cluster inherit the driver's environment; a cluster's nodes have their own (secrets).
+    """
+    keep = ("PYTHONPATH", "PASSN_MODEL_CACHE", "TORCH_EXTENSIONS_DIR", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
+            *FAULT_ENVS)
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env.update(RAY_USAGE_STATS_ENABLED="0", VLLM_NO_USAGE_STATS="1", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false",
+               RAY_TRAIN_ENABLE_PRINT_PATCH="0")  # else every rank-0 line is printed twice
+    return {"env_vars": env}
+
+
+def absolute_path(path: str | None) -> str | None:
+    """A local path made absolute (Ray workers run in their own working directories); URLs unchanged."""
+    if path is None or "://" in path:
+        return path
+    return os.path.abspath(path)
+
+
+def path_exists(path: str) -> bool:
+    """Whether a local path or URL (``s3://...``) exists."""
+    fs, p = fsspec.core.url_to_fs(path)
+    return fs.exists(p)
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, *, log_to_driver: bool = False, num_cpus: int | None = None,
+                **init_kwargs: Any) -> Iterator[bool]:
+    """Join the cluster at ``address`` (else ``RAY_ADDRESS``, else the one this process already
+    joined) or start a local one with ``num_cpus``; yields whether it was started here, and shuts
+    down on exit only what was started here."""
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        address = address or os.environ.get("RAY_ADDRESS")
+        local = {} if address or num_cpus is None else {"num_cpus": num_cpus}
+        ray.init(address=address, include_dashboard=False, log_to_driver=log_to_driver, runtime_env=runtime_env(),
+                 **local, **init_kwargs)
+    try:
+        yield started_here
+    finally:
+        if started_here:
+            ray.shutdown()
