@@ -14,8 +14,9 @@
 
 A check that times out, runs out of memory or cannot be parsed is *incorrect* with a reason; it
 never raises into the caller and never hangs. No pre-check accepts unless the two sides are provably
-equal; pre-checks may reject only when both sides are exact numbers that differ. The policies where
-public graders disagree are in docs/VERIFY.md.
+equal, and none rejects unless they are provably different (exact numbers, units, letters, words or
+times of day that differ, a number against a multiple of it); everything else is math-verify's.
+The policies where public graders disagree are in docs/VERIFY.md.
 """
 
 from __future__ import annotations
@@ -100,17 +101,24 @@ def _boxes(text: str, command: str) -> list[_Box]:
         if j < len(text) and text[j] == "{":
             if j in match:
                 boxes.append(_Box(text[j + 1 : match[j]], m.start(), match[j] + 1))
-        elif j > m.end() and (token := re.match(r"[^\s$]+", text[j:])):  # "\boxed 5": one token
-            boxes.append(_Box(token.group(0), m.start(), j + token.end()))
+        elif j > m.end() and (token := _BOX_TOKEN.match(text, j)):  # "\boxed 5": one token
+            boxes.append(_Box(token.group(0), m.start(), token.end()))
     return boxes
 
 
+_BOX_TOKEN = re.compile(r"[^\s$\\][^\s$]*")  # not "\boxed \boxed{...}": a command is no answer
+
 # Boxes side by side ("\boxed{1}, \boxed{2}", "\boxed{1} \quad\text{and}\quad \boxed{2}") are one
-# answer, a list; "\boxed{1} no no no no no \boxed{2}" is not (Math-Verify's tests draw the line there).
-# "First \boxed{1}, then finally \boxed{2}" revises the first box: the answer is the last one.
+# answer, a list; "\boxed{1} no no no no no \boxed{2}" is not (Math-Verify's tests draw the line
+# there). "First \boxed{1}, then finally \boxed{2}" revises the first box, and in
+# "\boxed{12} \div 4 = \boxed{3}" the boxes are parts of one calculation: the answer is the last box.
+# A hedge ("\boxed{3} or \boxed{5}", "\boxed{2}, not \boxed{3}") is the list: no box alone passes.
 _BOX_GAP_CHARS, _BOX_GAP_WORDS = 32, 3
 _REVISION_WORDS = {"then", "finally", "but", "so", "thus", "hence", "therefore", "correcting", "corrected", "actually",
-                   "instead", "wait", "answer", "is", "was", "final", "not", "no"}
+                   "instead", "wait", "answer", "is", "was", "final"}
+_RULE = re.compile(r"([-+=*~_])\1{2,}")  # "++++++", "-----": a separator, not a calculation
+_LABEL = re.compile(r"[A-Za-z](?:_\{?\w+\}?)?\s*=\s*$")  # "... and y_2 = \boxed{..}": the next box's name
+_CALCULATION = re.compile(r"[=+*/^<>-]|\\(?:div|times|cdot|pm|mp|le|ge|leq|geq|neq|approx)(?![A-Za-z])")
 
 
 def _final_boxes(boxes: list[_Box], text: str) -> str:
@@ -118,38 +126,46 @@ def _final_boxes(boxes: list[_Box], text: str) -> str:
     group = [boxes[-1]]
     for box in reversed(boxes[:-1]):
         gap = text[box.end : group[0].start]
-        words = {w.lower() for w in re.findall(r"(?<![\\A-Za-z])[A-Za-z]{2,}", gap)}  # not LaTeX commands (\quad)
-        if len(gap) > _BOX_GAP_CHARS or "\n\n" in gap or len(words) > _BOX_GAP_WORDS or words & _REVISION_WORDS:
+        words = [w.lower() for w in re.findall(r"(?<![\\A-Za-z])[A-Za-z]{2,}", gap)]  # not LaTeX commands (\quad)
+        if (len(gap) > _BOX_GAP_CHARS or "\n\n" in gap or len(words) > _BOX_GAP_WORDS
+                or set(words) & _REVISION_WORDS or _CALCULATION.search(_RULE.sub("", _LABEL.sub("", gap)))):
             break
         group.insert(0, box)
     return ", ".join(b.answer.strip() for b in group)
 
 
-# "The final answer is X", "Final Answer: X", "**Final Answer:** X", "My final answer is: X", and
-# PRM800K's "# Answer" heading, answer on the lines below.
-_FINAL_ANSWER_START = re.compile(r"final answer(?:\*\*)?\s*(?:is\b\s*:?|:)(?:\*\*)?[ \t]*|^#+[ \t]*Answer[ \t]*\n\s*",
+# "The final answer is X", "Final Answer: X", "**Final Answer:** X", "My final answer is: X" (the
+# answer on the same line or the next), and PRM800K's "# Answer" heading, answer on the lines below.
+_FINAL_ANSWER_START = re.compile(r"final answer(?:\*\*)?\s*(?:is\b\s*:?|:)(?:\*\*)?[ \t]*(?:\n[ \t]*)?|^#+[ \t]*Answer[ \t]*\n\s*",
                                  re.IGNORECASE | re.MULTILINE)
 _HOPE = re.compile(r"I hope it is correct", re.IGNORECASE)
 _FULL_STOP = re.compile(r"\.(?=\s|$)")  # not the point of 3.14
+_LONE_MATH_SPAN = re.compile(r"\$\$?([^$]*)\$\$?")
 
 
 def _final_answer_sentence(text: str) -> tuple[str, int] | None:
-    """The answer of the last "final answer is X" sentence and where the sentence starts."""
+    """The answer of the last "final answer is X" sentence and where the sentence starts.
+
+    The answer ends at Minerva's "I hope it is correct", at the sentence's full stop (outside math:
+    ``$3.5$`` keeps its point) or at the end of the line; a lone ``$...$`` around it is dropped,
+    and an answer of several math spans ("$3$ or $5$") is kept whole, for the checker to see them all.
+    """
     starts = list(_FINAL_ANSWER_START.finditer(text))
     if not starts:
         return None
     last = starts[-1]
     rest = text[last.end():]
-    if rest.startswith("$"):  # a math span may hold full stops: take it whole
-        fence = "$$" if rest.startswith("$$") else "$"
-        close = rest.find(fence, len(fence))
-        answer = rest[len(fence):close] if close > 0 else rest[len(fence):]
-    else:  # up to Minerva's "I hope it is correct", a sentence's full stop, or the line's end
+    if rest.startswith("$$"):  # displayed math may span lines
+        close = rest.find("$$", 2)
+        answer = rest[: close + 2] if close > 0 else rest
+    else:
         answer = rest.split("\n", 1)[0]
-        for end in (_HOPE.search(answer), _FULL_STOP.search(answer)):
-            if end is not None:
-                answer = answer[: end.start()]
-    answer = answer.strip().strip("*").strip().rstrip(".").strip().strip("$").strip()
+        outside = re.sub(r"\$[^$]*\$", lambda m: "_" * len(m.group(0)), answer)  # full stops inside math don't end it
+        cuts = [m.start() for m in (_HOPE.search(outside), _FULL_STOP.search(outside)) if m is not None]
+        answer = answer[: min(cuts)] if cuts else answer
+    answer = answer.strip().strip("*").strip().rstrip(".").strip()
+    if (lone := _LONE_MATH_SPAN.fullmatch(answer)) is not None:
+        answer = lone.group(1).strip()
     return (answer, last.start()) if answer else None
 
 
@@ -184,8 +200,9 @@ def extract_answer(completion: str | None) -> str | None:
         return None  # a box that never closes: the answer was cut off
     if (display := _CLOSING_DISPLAY.search(text)) is not None:
         return (display.group(1) or display.group(2)).strip() or None
-    if text and "\n" not in text:
-        return text.strip("$").strip() or None
+    if text and "\n" not in text:  # a direct answer; a lone $...$ around it is dropped
+        lone = _LONE_MATH_SPAN.fullmatch(text)
+        return (lone.group(1).strip() if lone else text) or None
     return None
 
 
@@ -208,17 +225,38 @@ _REMOVED_EXPRESSIONS = [
 _UNIT_WORDS = [e for e in _REMOVED_EXPRESSIONS if e.isalpha()] + ["\\text{m}"]
 
 
-def _minerva_body(answer: str) -> str:
-    """Minerva's normalisation of one side of an equation, before its comma rule."""
-    for before, after in _SUBSTITUTIONS:
+TRIG_FUNCTION = re.compile(r"\\(?:sin|cos|tan|cot|sec|csc)\b")
+# ",\!" between digit groups of 2 or 3 (40,\!000; Indian 56,\!01,\!78) is LaTeX's thousands markup.
+_DIGIT_GROUP = re.compile(r"(?<=\d),\\!(?=\d{2,3}(?!\d))")
+_ONE_MATH_SPAN = re.compile(r"\s*\$([^$]*)\$[\s.]*")
+
+
+def _minerva_body(answer: str, guarded: bool = False) -> str:
+    """Minerva's normalisation of one side of an equation, before its comma rule.
+
+    ``guarded`` keeps what tells answers apart and Minerva throws away: an article ``a`` is dropped
+    only at the start before a number (``a 5`` is 5; ``4 a c`` and ``a b`` keep their ``a``); ``\\overline``, ``\\ldots`` and, inside a
+    trigonometric function, ``^\\circ`` stay; ``,\\!`` between digit groups goes, and otherwise
+    ``{,}`` and ``,\\!`` become commas for the thousands rule (``3{,}5`` may be a decimal comma); and only a lone ``$...$`` span is unwrapped (``-$5$`` is not ``5``).
+    """
+    if guarded:
+        answer = _DIGIT_GROUP.sub("", re.sub(r"^\s*an? (?=[\d$\\])", "", answer)).replace("{,}", ",").replace(",\\!", ",")
+        kept = {"\\ldots", "\\dots", "{,}", ",\\!"} | ({r"^\circ", r"^{\circ}"} if TRIG_FUNCTION.search(answer) else set())
+        if answer.count("$") >= 2:
+            span = _ONE_MATH_SPAN.fullmatch(answer)
+            answer = span.group(1) if span else answer.replace("$", "")
+    substitutions = _SUBSTITUTIONS[2:] if guarded else _SUBSTITUTIONS
+    for before, after in substitutions:
         answer = answer.replace(before, after)
     for expr in _REMOVED_EXPRESSIONS:
-        answer = answer.replace(expr, "")
-    if answer.count("$") >= 2:  # guarded: without two '$' this pattern backtracks quadratically
+        if not guarded or expr not in kept:
+            answer = answer.replace(expr, "")
+    if answer.count("$") >= 2:  # without two '$' this pattern backtracks quadratically
         answer = re.sub(r"(.*?)(\$)(.*?)(\$)(.*)", "$\\3$", answer)
     answer = re.sub(r"(\\text\{)(.*?)(\})", "\\2", answer)
     answer = re.sub(r"(\\textbf\{)(.*?)(\})", "\\2", answer)
-    answer = re.sub(r"(\\overline\{)(.*?)(\})", "\\2", answer)
+    if not guarded:
+        answer = re.sub(r"(\\overline\{)(.*?)(\})", "\\2", answer)
     answer = re.sub(r"(\\boxed\{)(.*)(\})", "\\2", answer)
     answer = re.sub(r"(frac)([^{])(.)", "frac{\\2}{\\3}", answer)
     answer = re.sub(r"(sqrt)([^{])", "sqrt{\\2}", answer)
@@ -229,7 +267,7 @@ def minerva_normalise(answer: str) -> str:
     """Minerva's ``normalize_final_answer`` as published: the normalisation behind the paper's exact match.
 
     It keeps only what follows the last ``=`` and strips every comma from a string of digits and
-    commas; :func:`exact_match` guards both.
+    commas; :func:`exact_match` uses it guarded.
     """
     answer = _minerva_body(answer.split("=")[-1])
     if answer.replace(",", "").isdigit():
@@ -244,43 +282,49 @@ _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+")
 _GLUED_UNIT = re.compile(r"\d(?:" + "|".join(w for w in _UNIT_WORDS if w.isalpha()) + r")(?![A-Za-z])")
 
 
-def _exact_key(answer: str) -> tuple[str, frozenset[str]]:
-    """Minerva's normalisation with its two unsafe steps guarded, and the unit words it removed.
+@dataclasses.dataclass(frozen=True)
+class _ExactKey:
+    key: str
+    units: frozenset[str]  # the unit words the normalisation removed
+    variable: str | None  # the plain variable named left of "=" (x in "x = 3"); None for f(x) or none
+
+
+def _exact_key(answer: str) -> _ExactKey:
+    """Minerva's normalisation with its unsafe steps guarded (see :func:`_minerva_body`).
 
     - ``lhs = value`` keeps the value only when ``lhs`` names a quantity (``x``, ``f(x)``); any
       other equation is kept whole, each side normalised: ``a + 3z = 0`` is not the number 0.
     - Commas are dropped only from a thousands-separated number (``32,349``), not from a list
-      (``32, 349`` or ``1,2,3``).
-    - Two or more ``$...$`` spans are not cut down to the first one.
+      (``32, 349``, ``1,2,3``) nor a decimal comma (``3{,}5``).
     - A unit word glued to a number (``10cm``) is not removed: in LaTeX it is a product.
     """
     sides = answer.split("=")
-    if len(sides) > 1 and not all(_NAME.fullmatch(side.strip().strip("$")) for side in sides[:-1]):
-        parts = sides
-    else:
-        parts = sides[-1:]
+    named = len(sides) > 1 and all(_NAME.fullmatch(side.strip().strip("$")) for side in sides[:-1])
+    parts = sides[-1:] if len(sides) == 1 or named else sides
+    variable = sides[0].strip().strip("$").strip() if named and "(" not in sides[0] else None
     keys, units = [], set()
     for part in parts:
         spaced = part.replace("{,}", ",").replace(",\\!", ",").strip().strip("$").strip()
-        body = part.replace("$", "") if part.count("$") > 2 else part
-        units |= {w for w in _UNIT_WORDS if w in body.replace(" ", "")}
-        # "10cm" is 10 times c times m in LaTeX, not 10 with a unit: Minerva would strip the "cm"
-        key = body.replace(" ", "") if _GLUED_UNIT.search(body) else _minerva_body(body)
+        units |= {w for w in _UNIT_WORDS if w in part.replace(" ", "")}
+        key = part.replace(" ", "") if _GLUED_UNIT.search(part) else _minerva_body(part, guarded=True)
         if key.replace(",", "").lstrip("-").isdigit() and _THOUSANDS.fullmatch(spaced):
             key = key.replace(",", "")
         keys.append(key)
-    return "=".join(keys), frozenset(units)
+    return _ExactKey("=".join(keys), frozenset(units), variable)
 
 
 def exact_match(prediction: str, reference: str) -> bool:
     """The paper's exact mode: string equality after Minerva's normalisation, guarded.
 
     Equal only when the normalised strings are equal and the normalisation threw nothing away that
-    tells them apart: an equation's left side (see :func:`_exact_key`), list separators, or two
-    different units (``5 km`` is not ``5 cm``; ``5 cm`` is ``5``).
+    tells them apart: an equation's left side (see :func:`_exact_key`), list separators, two
+    different units (``5 km`` is not ``5 cm``; ``5 cm`` is ``5``), or two different variables
+    (``y = 3`` is not ``x = 3``; ``y = 2x+3`` is ``f(x) = 2x+3``).
     """
-    (key_a, units_a), (key_b, units_b) = _exact_key(prediction), _exact_key(reference)
-    return key_a == key_b and (units_a == units_b or not units_a or not units_b)
+    a, b = _exact_key(prediction), _exact_key(reference)
+    if a.variable and b.variable and a.variable.replace(" ", "") != b.variable.replace(" ", ""):
+        return False
+    return a.key == b.key and (a.units == b.units or not a.units or not b.units)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,22 +336,40 @@ def exact_match(prediction: str, reference: str) -> bool:
 class _Number:
     value: Fraction
     decimal: bool  # written with a decimal point: rounding may be meant
-    unit: str  # "" when none: "cm^2", "weeks", "degree", "dollar"
+    unit: str  # "" when none: "cm^2", "week", "degree", "dollar"
     percent: bool
 
 
+# Units a number may carry: Minerva's removed words and the units of MATH-style answers. A word
+# after a number is its unit only if it is one of these (singular or plural).
+UNIT_WORDS = frozenset("""
+    square cubic sq unit ways way integer digit multiple point edge student meal dollar cent mph
+    inch in foot feet ft yard yd mile mi meter metre m centimeter centimetre cm millimeter millimetre mm
+    kilometer kilometre km gram g kilogram kg milligram mg pound lb lbs ounce oz ton liter litre l
+    milliliter ml gallon gal second sec s minute min hour hr hrs day week month year degree
+    person people child children ticket book page box coin marble apple candy candies cookie
+""".split())
+# Words that change the number they follow: "2 million" is not 2, nor "5 squared" 5.
+MULTIPLIER_WORDS = frozenset("""
+    hundred thousand million billion trillion dozen half halves third fourth quarter fifth sixth
+    seventh eighth ninth tenth squared cubed times
+""".split())
+# Short units count after a space or inside \text{} only: glued to a number ("10cm") they are a
+# product of variables in LaTeX (MARIO's tests).
+_GLUED_UNIT_MIN_LETTERS = 3
+
 _LATEX_SPACE = re.compile(r"\\[ ,;:!>]|~|\\quad|\\qquad")
-_UNWRAP = re.compile(r"\\(?:text|textrm|mbox|mathrm)\{([^{}]*)\}")
-_UNIT_GROUP = r"(?:\\(?:text|textrm|mbox|mathrm)\{\s*[A-Za-z][A-Za-z .]*\}|[A-Za-z]{3,}|(?<=\s)(?:cm|mm|km|kg|mg|ft|yd|lb|oz|ml|hr|in))"
-_UNIT_TAIL = re.compile(rf"\s*((?:{_UNIT_GROUP}(?:\s*\^\s*\{{?[23]\}}?)?\s*)+)$")
-_DEGREES = re.compile(r"\s*(?:\^\s*\{?\s*\\circ\s*\}?|°|\\degree)\s*$")
+_TEXT_COMMAND = re.compile(r"\\(?:text|textrm|textnormal|textbf|mbox|mathrm|mathit|mathcal)\s*\{([^{}]*)\}")
+# One unit token at the very end: \text{ cm}, a word, either with ^2 or ^3. Possessive and
+# anchored: linear in the answer's length whatever it holds.
+_UNIT_TOKEN = re.compile(r"(?:\\(?:text|textrm|textnormal|mbox|mathrm)\s*+\{([^{}]*+)\}|(?<![A-Za-z\\])([A-Za-z]++))"
+                         r"((?:\s*+\^\s*+\{?\s*+[23]\s*+\}?)?)\s*+$")
+DEGREE_SIGN = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree")
+_TRAILING_DEGREES = re.compile(rf"\s*(?:{DEGREE_SIGN.pattern})\s*$")
 _UNSIGNED = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d*)?|\.\d+"
 _DECIMAL = re.compile(rf"({_UNSIGNED})")
 _FRACTION = re.compile(r"\\[dt]?frac\{\s*(-?)\s*(\d+)\s*\}\{\s*(\d+)\s*\}|\\[dt]?frac(\d)(\d)|(\d+)\s*/\s*(\d+)")
 _MIXED = re.compile(r"(\d+)\s+(\d+)\s*/\s*(\d+)|(\d+)\s*\\[dt]?frac\{(\d+)\}\{(\d+)\}|(\d+)\s*\\[dt]?frac(\d)(\d)")
-# Words that follow a number without naming a unit of it.
-_NOT_UNITS = {"and", "or", "not", "the", "sqrt", "pi", "times", "cdot", "div", "frac", "dfrac", "tfrac", "left",
-              "right", "infty", "sin", "cos", "tan", "log", "exp"}
 
 
 def _rational(text: str) -> tuple[Fraction, bool] | None:
@@ -330,9 +392,43 @@ def _rational(text: str) -> tuple[Fraction, bool] | None:
     return None
 
 
-def _unit_name(unit: str) -> str:
-    unit = _UNWRAP.sub(r"\1", unit).replace(" ", "").replace("{", "").replace("}", "").lower()
-    return unit[:-1] if unit.endswith("s") and len(unit) > 3 else unit  # weeks = week
+def singular_unit(word: str) -> str:
+    """``weeks`` -> ``week``, ``inches`` -> ``inch``: the unit's name for comparing two units."""
+    word = word.lower()
+    if word in UNIT_WORDS or word in MULTIPLIER_WORDS:
+        return word
+    for ending in ("es", "s"):
+        if word.endswith(ending) and (word[: -len(ending)] in UNIT_WORDS or word[: -len(ending)] in MULTIPLIER_WORDS):
+            return word[: -len(ending)]
+    return word
+
+
+class _NotANumber(Exception):
+    """The text after the number changes its value (a multiplier): ``args[0]`` is the text before it."""
+
+
+def _split_unit(text: str) -> tuple[str, str]:
+    """(the number's text, its unit) with up to three unit tokens taken off the end; unit "" if none.
+
+    Raises :class:`_NotANumber` for a multiplier word ("2 million"); an unknown word leaves the
+    text whole (``("5 apples and", "")``), for the caller to see that it is no number.
+    """
+    words: list[str] = []
+    for _ in range(3):
+        m = _UNIT_TOKEN.search(text)
+        if m is None or m.start() == 0:
+            break
+        inside_text = m.group(1) is not None
+        tokens = (m.group(1) if inside_text else m.group(2)).split()
+        names = [singular_unit(t) for t in tokens]
+        if any(n in MULTIPLIER_WORDS for n in names):
+            raise _NotANumber(text[: m.start()])
+        glued = not inside_text and text[m.start() - 1].isdigit()
+        if not names or any(n not in UNIT_WORDS for n in names) or (glued and len(tokens[0]) < _GLUED_UNIT_MIN_LETTERS):
+            break
+        words.insert(0, " ".join(names) + m.group(3).replace(" ", "").replace("{", "").replace("}", ""))
+        text = text[: m.start()]
+    return text, " ".join(words)
 
 
 def _parse_number(text: str) -> _Number | None:
@@ -340,26 +436,37 @@ def _parse_number(text: str) -> _Number | None:
     if len(text) > 1000:
         return None  # past int()'s 4300-digit limit and far past any real answer: math-verify decides
     text = _LATEX_SPACE.sub(" ", text).strip().strip("$").strip().rstrip(".").strip()
-    if (m := _UNWRAP.fullmatch(text)) is not None:
+    if (m := _TEXT_COMMAND.fullmatch(text)) is not None:
         text = m.group(1).strip()  # \text{5 cm}
     unit, percent = "", False
     if text.startswith("\\$"):
         text, unit = text[2:].strip(), "dollar"
     if text.endswith("%"):
         text, percent = text[:-1].rstrip("\\").strip(), True
-    elif (m := _DEGREES.search(text)) is not None:
+    elif (m := _TRAILING_DEGREES.search(text)) is not None:
         text, unit = text[: m.start()], "degree"
-    elif (m := _UNIT_TAIL.search(text)) is not None and m.start() > 0:
-        words = {w.lower() for w in re.findall(r"[A-Za-z]+", _UNWRAP.sub(r"\1", m.group(1)))}
-        if words & _NOT_UNITS:
-            return None
-        text, unit = text[: m.start()], _unit_name(m.group(1))
+    else:
+        text, written_unit = _split_unit(text)
+        unit = written_unit or unit
     parsed = _rational(text.strip())
     return None if parsed is None else _Number(parsed[0], parsed[1], unit, percent)
 
 
-# A number followed by one or two letters is a product (10m is 10 times m, 10cm 10 times c times m).
-_NUMBER_TIMES_LETTER = re.compile(r"-?\d+(?:\.\d+)?[A-Za-z]{1,2}")
+@dataclasses.dataclass(frozen=True)
+class _Multiplied:
+    bare: Fraction | None  # the number before the multiplier word: "2 million" -> 2
+
+
+def _number_or_multiplied(text: str) -> _Number | _Multiplied | None:
+    try:
+        return _parse_number(text)
+    except _NotANumber as before:
+        head = _rational(_LATEX_SPACE.sub(" ", before.args[0]).strip().strip("$").strip())
+        return _Multiplied(None if head is None else head[0])
+
+
+# A number with letters glued to it that name no unit is a product: 10m is 10 times m, 3abc 3 a b c.
+_NUMBER_TIMES_LETTERS = re.compile(r"-?\d+(?:\.\d+)?[A-Za-z]+")
 
 
 def compare_numbers(prediction: str, reference: str) -> Verdict | None:
@@ -367,14 +474,20 @@ def compare_numbers(prediction: str, reference: str) -> Verdict | None:
 
     Accepts equal values written differently (``0.5`` and ``\\frac12``, ``7 3/4`` and
     ``\\frac{31}{4}``, ``32,349`` and ``32349``), a unit or a percent sign on one side only (``10``
-    and ``10 \\text{cm}^2``, ``50\\%`` and ``50``), and the same unit on both. Rejects different
-    two different units (no conversion: ``5 km`` is not ``5 cm``, nor ``500 cm``), and different
-    values when neither has a decimal point and both carry the same unit (or none); decimals may
-    be rounded, and a percent sign on one side only is math-verify's to judge. A number against
-    a number times one or two letters (``10`` and ``10m`` or ``10cm``; MARIO's tests) is rejected.
+    and ``10 \\text{cm}^2``, ``50\\%`` and ``50``), and the same unit on both. Units are the words of
+    :data:`UNIT_WORDS`. Rejects two different units (no conversion: ``5 km`` is not ``5 cm``, nor
+    ``500 cm``), different values when neither has a decimal point and both carry the same unit (or
+    none), and a number against the same number with a multiplier word (``2`` and ``2 million``,
+    ``5 squared``) or with letters glued to it that name no unit (``10`` and ``10m``, ``3abc``).
+    Decimals may be rounded and a percent sign on one side only may mean a hundredth: math-verify's.
     """
-    a, b = _parse_number(prediction), _parse_number(reference)
-    if (a is None) != (b is None) and _NUMBER_TIMES_LETTER.fullmatch((prediction if a is None else reference).strip()):
+    a, b = _number_or_multiplied(prediction), _number_or_multiplied(reference)
+    if isinstance(a, _Multiplied) or isinstance(b, _Multiplied):
+        multiplied, other = (a, b) if isinstance(a, _Multiplied) else (b, a)
+        if isinstance(other, _Number) and multiplied.bare == other.value:
+            return Verdict(False, "not_equivalent")  # "2 million" is not 2
+        return None
+    if (a is None) != (b is None) and _NUMBER_TIMES_LETTERS.fullmatch((prediction if a is None else reference).strip()):
         return Verdict(False, "not_equivalent")
     if a is None or b is None:
         return None
@@ -396,8 +509,9 @@ def compare_numbers(prediction: str, reference: str) -> Verdict | None:
 class Verdict:
     """Whether a prediction matches the reference, and why.
 
-    ``reason`` is one of: exact, symbolic, not_equivalent, empty, parse_error, timeout, memory,
-    worker_died, too_long.
+    ``reason`` is one of: exact, symbolic, not_equivalent, ambiguous (a prediction in prose or with
+    several math spans that hedges or negates, or holds several answers), empty, parse_error,
+    timeout, memory, worker_died, too_long.
     """
 
     correct: bool
@@ -418,34 +532,42 @@ class CheckerStats:
 _TIME_OF_DAY = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2}))?\s*(?:\\text\{\s*)?(?:([AaPp])\.?\s*[Mm]\.?)?\}?")
 
 
-def _seconds_of_day(text: str) -> int | None:
+def _time_of_day(text: str) -> tuple[int, bool] | None:
+    """(seconds since midnight, written unmistakably as a time: with seconds or AM/PM) or None.
+
+    A 12-hour clock: 12:05 AM is 00:05, 08:34 PM is 20:34.
+    """
     m = _TIME_OF_DAY.fullmatch(text.strip().strip("$").strip())
     if m is None:
         return None
     hours, minutes, seconds = int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
-    if m.group(4):  # 12-hour clock: 12:05 AM is 00:05, 08:34 PM is 20:34
+    if m.group(4):
         if not 1 <= hours <= 12:
             return None
         hours = hours % 12 + (12 if m.group(4) in "Pp" else 0)
-    return hours * 3600 + minutes * 60 + seconds if hours < 24 and minutes < 60 and seconds < 60 else None
+    if hours >= 24 or minutes >= 60 or seconds >= 60:
+        return None
+    return hours * 3600 + minutes * 60 + seconds, bool(m.group(3) or m.group(4))
 
 
 def compare_times(prediction: str, reference: str) -> Verdict | None:
     """Times of day compared as seconds since midnight (``20:34``, ``20:34:00``, ``08:34 P.M.``).
 
-    ``None`` unless both sides are times: math-verify reads ``20:34`` as the ratio 20/34.
+    ``None`` unless both sides read as times: math-verify reads ``20:34`` as the ratio 20/34. Two
+    different ``h:mm`` without seconds or AM/PM may be equal ratios (``2:30``, ``1:15``): math-verify's.
     """
-    a, b = _seconds_of_day(prediction), _seconds_of_day(reference)
+    a, b = _time_of_day(prediction), _time_of_day(reference)
     if a is None or b is None:
         return None
-    return Verdict(a == b, "exact" if a == b else "not_equivalent")
+    if a[0] == b[0]:
+        return Verdict(True, "exact")
+    return Verdict(False, "not_equivalent") if a[1] or b[1] else None
 
 
 # ---------------------------------------------------------------------------------------------
 # Text answers: a letter (a choice, a point) or words
 # ---------------------------------------------------------------------------------------------
 
-_TEXT_WRAPPER = re.compile(r"\\(?:text|textrm|textnormal|textbf|mathrm|mathbf|mathcal|mathit|mbox)\s*\{([^{}]*)\}")
 _LETTER = re.compile(r"\(?([A-Za-z])\)?('*)")
 _WORDS = re.compile(r"[A-Za-z]{2,}(?: [A-Za-z]{2,})*")
 
@@ -454,15 +576,20 @@ def compare_text(prediction: str, reference: str) -> Verdict | None:
     """Letters and words compared as text; ``None`` when either side is not plain text.
 
     A single letter (a choice ``(C)``, a point ``E'``) must match exactly, case and primes
-    included: ``E'`` is not ``E``. Words match ignoring case: ``East`` is ``east``. Font and text
-    commands around them are dropped: ``\\text{(C)}`` is ``C``, ``\\mathcal{B}`` is ``B``.
+    included: ``E'`` is not ``E``. Words of three letters or more match ignoring case (``East`` is
+    ``east``); shorter ones exactly (``ab`` is a product, ``AB`` a segment). Text and font commands
+    around them are dropped (``\\text{(C)}`` is ``C``, ``\\mathcal{B}`` is ``B``), but not bold
+    (``\\mathbf{v}`` is a vector, not ``v``).
     """
-    a, b = (_TEXT_WRAPPER.sub(r"\1", s).strip().strip("$").strip().rstrip(".") for s in (prediction, reference))
+    a, b = (_TEXT_COMMAND.sub(r"\1", s).strip().strip("$").strip().rstrip(".") for s in (prediction, reference))
     if (la := _LETTER.fullmatch(a)) and (lb := _LETTER.fullmatch(b)):
-        return Verdict(la.groups() == lb.groups(), "exact" if la.groups() == lb.groups() else "not_equivalent")
-    if _WORDS.fullmatch(a) and _WORDS.fullmatch(b):
-        return Verdict(a.lower() == b.lower(), "exact" if a.lower() == b.lower() else "not_equivalent")
-    return None
+        same = la.groups() == lb.groups()
+    elif _WORDS.fullmatch(a) and _WORDS.fullmatch(b):
+        short = min(map(len, (a + " " + b).split())) < 3
+        same = a == b if short else a.lower() == b.lower()
+    else:
+        return None
+    return Verdict(same, "exact" if same else "not_equivalent")
 
 
 # Up to this length the parent normalises in-process (microseconds); longer strings are normalised
