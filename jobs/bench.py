@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
@@ -21,13 +20,7 @@ from typing import Any
 
 import numpy as np
 
-
-def write_result(path: str | None, result: dict[str, Any]) -> None:
-    """A benchmark's figures as JSON at ``path`` (``--out``), when one is given."""
-    if path:
-        with open(path, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {path}")
+from jobs.bench_output import write_result
 
 
 def _best_of(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:

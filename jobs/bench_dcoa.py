@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from jobs.bench import write_result
+from jobs.bench_output import write_result
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny-dcoa.yaml")
 

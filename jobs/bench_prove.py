@@ -15,7 +15,7 @@ import random
 import time
 from typing import Any
 
-from jobs.bench import write_result
+from jobs.bench_output import write_result
 
 # common tactics of the standard library's proofs (`passn prover extract` counts), and some that fail
 TACTICS = ["intros.", "simpl.", "reflexivity.", "auto.", "split.", "assumption.", "trivial.", "intro.", "left.",

@@ -18,7 +18,7 @@ import tempfile
 import time
 from typing import Any
 
-from jobs.bench import write_result
+from jobs.bench_output import write_result
 
 
 def _peak_rss_mb(pid: int) -> float:

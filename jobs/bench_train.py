@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from jobs.bench import write_result
+from jobs.bench_output import write_result
 
 # dense bf16 peak of an H100/H200 SXM by the datasheet; MFU = 6 N tokens/s / peak
 PEAK_BF16_FLOPS = 989.5e12
@@ -54,15 +54,20 @@ def time_steps(step_fn, batches, warmup: int) -> list[float]:
     return times
 
 
+def bench_coefficients(objective: str, sequences: int):
+    """What a CE or DCO (N' = 64) batch source gives the step: 1, or F(N', p) from the forward."""
+    from passn.batches import Fixed, OwnCoverage
+
+    return OwnCoverage(64) if objective == "dco" else Fixed((1.0,) * sequences)
+
+
 def plain_pytorch(objective: str, steps: int, sequences: int, length: int, warmup: int) -> dict[str, Any]:
     """The baseline: one process, autocast bf16, fp32 master weights, fused AdamW."""
     from transformers import LlamaForCausalLM
 
-    from jobs.train import per_sequence_loss
     from passn import objectives
-    from passn.config import load_config
+    from passn.batches import weighted_loss
 
-    cfg = load_config(None, [f"objective.kind={objective}", "objective.budget=64", "model.path=unused"])
     torch.manual_seed(0)
     model = LlamaForCausalLM(llama_1b()).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
@@ -71,7 +76,7 @@ def plain_pytorch(objective: str, steps: int, sequences: int, length: int, warmu
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = model(input_ids=batch["inputs_BT"], attention_mask=batch["attention_BT"]).logits
         token_logp = objectives.token_logprobs(logits, batch["targets_BT"])
-        loss_B, _ = per_sequence_loss(cfg, token_logp, batch["mask_BT"])
+        loss_B, _ = weighted_loss(token_logp, batch["mask_BT"], bench_coefficients(objective, sequences), 0, "sequence_sum")
         (loss_B.sum() / len(loss_B)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -133,8 +138,10 @@ def _deepspeed_steps(config: dict[str, Any], device, label: str) -> dict[str, An
     their step times separately: the dco/ce difference without run-to-run noise."""
     from transformers import LlamaForCausalLM
 
-    from jobs.train import DeepSpeedEngine, per_sequence_loss, token_logp
+    from passn.batches import weighted_loss
     from passn.config import load_config
+    from trainer.engines import DeepSpeedEngine
+    from trainer.loop import token_logp
 
     kinds = ["dco", "ce"] if config["objective"] == "alternate" else [config["objective"]]
     cfgs = {kind: load_config(None, [f"objective.kind={kind}", "objective.budget=64", "model.path=unused",
@@ -152,7 +159,8 @@ def _deepspeed_steps(config: dict[str, Any], device, label: str) -> dict[str, An
     def step(batch):
         kind = kinds[len(order) % len(kinds)]
         order.append(kind)
-        loss_B, _ = per_sequence_loss(cfgs[kind], token_logp(engine, batch), batch["mask_BT"])
+        loss_B, _ = weighted_loss(token_logp(engine, batch), batch["mask_BT"], bench_coefficients(kind, sequences), 0,
+                                  "sequence_sum")
         engine.backward_and_step(loss_B.sum() / sequences)
 
     times = time_steps(step, batches(config["steps"], sequences, config["length"], 32000, device), config["warmup"])

@@ -32,7 +32,7 @@ import fsspec
 import numpy as np
 
 from passn import checkpoint as ckpt
-from passn import coverage
+from passn import coverage, results
 from passn.config import ConfigError, RunConfig, load_config
 from passn.tasks import DataError, MathTask
 
@@ -59,31 +59,11 @@ def _read_rows(out: str) -> list[dict[str, Any]]:
 
 def problem_row(uid: str, answers: list[str | None], correct: list[bool], k_grid: list[int], greedy: tuple[str, float, bool],
                 top: int = 5) -> dict[str, Any]:
-    n, c = len(correct), int(sum(correct))
-    ks = [k for k in k_grid if k <= n]
-    counts = collections.Counter(answers)
-    right = {a for a, ok in zip(answers, correct) if ok}
-    return {
-        "uid": uid, "samples": n, "correct": c,
-        "pass_at_k": {str(k): float(v) for k, v in zip(ks, coverage.pass_at_k(n, c, ks))},
-        "pass_at_k_chunked": {str(k): float(v) for k, v in
-                              zip(ks, coverage.pass_at_k_chunked(np.array([correct]), ks)[0])},
-        "greedy_answer": greedy[0], "greedy_confidence": greedy[1], "greedy_correct": greedy[2],
-        "top_answers": [[a, cnt, a in right] for a, cnt in counts.most_common(top)],
-    }
-
-
-def summarise(rows: list[dict[str, Any]], k_grid: list[int]) -> dict[str, Any]:
-    scored = [r for r in rows if "skipped" not in r]
-    ks = [k for k in k_grid if all(str(k) in r["pass_at_k"] for r in scored)]
-    return {
-        "problems": len(scored), "skipped": [r for r in rows if "skipped" in r],
-        "samples_per_problem": scored[0]["samples"] if scored else 0,
-        "pass_at_k": {str(k): float(np.mean([r["pass_at_k"][str(k)] for r in scored])) for k in ks},
-        "pass_at_k_chunked": {str(k): float(np.mean([r["pass_at_k_chunked"][str(k)] for r in scored])) for k in ks},
-        "greedy": coverage.confidence_summary([r["greedy_confidence"] for r in scored],
-                                              [r["greedy_correct"] for r in scored]).to_dict(),
-    }
+    """The problem's record (passn.results), with the paper's chunked estimate of its samples."""
+    ks = [k for k in k_grid if k <= len(correct)]
+    chunked = coverage.pass_at_k_chunked(np.array([correct]), ks)[0]
+    return results.problem_record(uid, len(correct), int(sum(correct)), greedy, answers, correct, top,
+                                  pass_at_k_chunked={str(k): float(v) for k, v in zip(ks, chunked)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +82,17 @@ class Source:
     def describe(self) -> dict[str, Any]:
         return {"checkpoint": self.checkpoint} if self.checkpoint else {"endpoint": self.endpoint, "model": self.model}
 
+    def provenance(self, checkpoint: str | None) -> dict[str, Any]:
+        """How the evaluated weights were trained (from the checkpoint's manifest) and how they were sampled."""
+        out: dict[str, Any] = {"sampler": f"{self.backend} SamplerPool x {self.samplers}"} if self.checkpoint else \
+            {"sampler": f"endpoint {self.endpoint}", "run": self.model, "checkpoint": self.model}
+        if checkpoint is not None:
+            fs, root = fsspec.core.url_to_fs(checkpoint)
+            if fs.exists(f"{root}/{ckpt.MANIFEST}"):
+                out.update(results.provenance_of_manifest(ckpt.verify_checkpoint(checkpoint, hashes=False).manifest,
+                                                          checkpoint))
+        return out
+
 
 def run_evaluation(source: Source | str, cfg: RunConfig, samples: int, out: str, batch_problems: int = 64,
                    num_samplers: int = 1, limit: int | None = None) -> dict[str, Any]:
@@ -110,12 +101,13 @@ def run_evaluation(source: Source | str, cfg: RunConfig, samples: int, out: str,
 
     from actors.verifier import VerifierPool
     from jobs.cluster import absolute_path, ray_session
-    from jobs.train import build_task
+    from passn.tasks import build_task
 
     if isinstance(source, str):
         source = Source(checkpoint=source, samplers=num_samplers)
+    given = absolute_path(source.checkpoint) if source.checkpoint is not None else None
     if source.checkpoint is not None:  # verified before anything starts
-        source = dataclasses.replace(source, checkpoint=resolve_model_dir(absolute_path(source.checkpoint)))
+        source = dataclasses.replace(source, checkpoint=resolve_model_dir(given))
     out = absolute_path(out)  # type: ignore[assignment]
     task = build_task(cfg)
     problems = task.problems("test")[:limit]
@@ -169,7 +161,9 @@ def run_evaluation(source: Source | str, cfg: RunConfig, samples: int, out: str,
                 pool.shutdown()
             if verifier is not None:
                 verifier.shutdown()
-    summary = summarise(rows, k_grid)
+    provenance = {**source.provenance(given), "verifier": f"VerifierPool ({cfg.task.answer_check})" if isinstance(
+        task, MathTask) else f"in process ({cfg.task.answer_check})"}
+    summary = results.summarise(rows, k_grid, provenance)
     summary.update(**source.describe(), task=task.name, temperature=cfg.sampling.temperature, finished=time.time())
     with fs.open(f"{root}/{SUMMARY_FILE}", "w") as f:
         json.dump(summary, f, indent=1)
@@ -206,7 +200,7 @@ def _write_plots(summary: dict[str, Any], out: str) -> None:
 
     local = Path(tempfile.mkdtemp(prefix="passn-plots-"))
     curves = {"unbiased": {int(k): v for k, v in summary["pass_at_k"].items()},
-              "chunked (paper)": {int(k): v for k, v in summary["pass_at_k_chunked"].items()}}
+              "chunked (paper)": {int(k): v for k, v in summary.get("pass_at_k_chunked", {}).items()}}
     plots.plot_pass_at_k(curves, str(local / "pass_at_k.png"))
     plots.plot_confidence(summary["greedy"], str(local / "greedy_confidence.png"))
     ckpt.upload_tree(local, out)

@@ -3,7 +3,9 @@
     passn frontier runs/sweep [runs/other-sweep runs/some-run ...] --out runs/report
     passn frontier runs/sweep --out runs/report --recommend 64
 
-Reads each sweep's trials/*/results.jsonl (or a training run's eval/epoch_*.summary.json) and
+Reads each sweep's trials (their evaluation jobs' trials/*/evaluate/*/summary.json where the sweep
+ran with --evaluate, else trials/*/results.jsonl), a training run's eval/epoch_*.summary.json, or
+a `passn evaluate` or `passn prove` output folder (summary.json), in any mix, and
 writes OUT/frontier.json ("table": per trial x epoch x k; "frontier": for each test budget N the
 best trial at its last epoch), OUT/frontier.png (pass@N against N per trial, frontier drawn over
 them: the paper's Figure 2a), OUT/confidence_TRIAL.png (greedy-confidence histograms per epoch:
@@ -23,34 +25,77 @@ from typing import Any
 import fsspec
 
 from jobs.cluster import path_exists
-from passn import sweeps
+from passn import results, sweeps
 
+
+
+def evaluation_summaries(directory: str) -> list[dict[str, Any]]:
+    """The summaries of evaluation jobs under ``directory``: its own summary.json (a ``passn
+    evaluate`` output folder) or those of ``evaluate/*/`` (a sweep trial's), oldest step first."""
+    directory = directory.rstrip("/")
+    if path_exists(f"{directory}/summary.json"):
+        paths = [f"{directory}/summary.json"]
+    elif path_exists(f"{directory}/{sweeps.EVALUATE_DIR}"):
+        fs, root = fsspec.core.url_to_fs(f"{directory}/{sweeps.EVALUATE_DIR}")
+        paths = sorted(f"{directory}/{sweeps.EVALUATE_DIR}/{p.rstrip('/').rsplit('/', 1)[-1]}/summary.json"
+                       for p in fs.ls(root, detail=False))
+        paths = [p for p in paths if path_exists(p)]
+    else:
+        return []
+    out = []
+    for p in paths:
+        with fsspec.open(p, "r") as f:
+            summary = json.load(f)
+        # passn prove: a summary for the model (or ensemble) and one for the baseline, each a trial
+        searched = {key: summary[key] for key in ("model", "ensemble", "baseline") if isinstance(summary.get(key), dict)}
+        if "provenance" not in summary and searched and all("provenance" in s for s in searched.values()):
+            name = p.rsplit("/", 2)[-2]
+            out += [{**s, "provenance": {**s["provenance"], "run": f"{name}/{key}"}} for key, s in searched.items()]
+            continue
+        if "provenance" not in summary:
+            raise sweeps.SweepError(f"{p}: an evaluation summary without provenance (written before passn's one result "
+                                    "schema): evaluate the checkpoint again")
+        out.append(summary)
+    return out
 
 
 def read_results(directory: str) -> list[dict[str, Any]]:
-    """Result rows of a sweep directory or of one training run directory."""
-    from passn.config import load_config
+    """Result rows of a sweep, a training run or a ``passn evaluate`` output folder.
 
+    A sweep trial or run evaluated by evaluation jobs (``evaluate/``) is read from those; otherwise
+    from its in-loop per-epoch evaluations."""
     directory = directory.rstrip("/")
     if path_exists(f"{directory}/{sweeps.SWEEP_FILE}"):
         with fsspec.open(f"{directory}/{sweeps.SWEEP_FILE}", "r") as f:
             spec = json.load(f)
         rows = []
         for trial in spec["trials"]:
-            path = f"{directory}/trials/{trial['name']}/{sweeps.RESULTS_FILE}"
+            trial_dir = f"{directory}/trials/{trial['name']}"
+            evaluated = evaluation_summaries(trial_dir)
+            if evaluated:
+                rows += [r for s in evaluated for r in results.frontier_rows(s, trial=trial["name"])]
+                continue
+            path = f"{trial_dir}/{sweeps.RESULTS_FILE}"
             if not path_exists(path):
                 print(f"passn frontier: {directory}: trial {trial['name']} is not finished: left out", file=sys.stderr)
                 continue
             with fsspec.open(path, "r") as f:
                 rows += [json.loads(line) for line in f if line.strip()]
         return rows
+    evaluated = evaluation_summaries(directory)
+    if evaluated:
+        return [r for s in evaluated for r in results.frontier_rows(s)]
     if path_exists(f"{directory}/eval") and path_exists(f"{directory}/config.yaml"):
-        cfg = load_config(f"{directory}/config.yaml", [])  # local or s3://
         name = directory.rsplit("/", 1)[-1]
-        return sweeps.result_rows(name, cfg.objective.kind, cfg.objective.budget, cfg.seed,
-                                  sweeps.read_epoch_summaries(directory))
-    raise FileNotFoundError(f"{directory}: neither a sweep ({sweeps.SWEEP_FILE}) nor a training run "
-                            "(config.yaml and eval/)")
+        summaries = sweeps.read_epoch_summaries(directory)
+        if all("provenance" in s for s in summaries):
+            return [r for s in summaries for r in results.frontier_rows(s, trial=name)]
+        from passn.config import load_config
+
+        cfg = load_config(f"{directory}/config.yaml", [])  # a run evaluated before the one result schema
+        return sweeps.result_rows(name, cfg.objective.kind, cfg.objective.budget, cfg.seed, summaries)
+    raise FileNotFoundError(f"{directory}: neither a sweep ({sweeps.SWEEP_FILE}), a training run (config.yaml and "
+                            "eval/) nor an evaluation (summary.json)")
 
 
 def _trial_dirs(directory: str) -> dict[str, str]:

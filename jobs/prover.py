@@ -15,8 +15,9 @@ each step's tactics are sampled in a few batched requests. Several --checkpoint 
 ensemble: the N passes are split among them and their attempts pooled; --baseline names a model
 (e.g. trained with CE) given the same N passes alone, the paper's compute-matched comparison.
 Writes results/MODEL.jsonl (a line per theorem, appended as theorems finish: a rerun resumes),
-theorems.jsonl (pooled per theorem), summary.json (pass@k over the k grid, unbiased estimator) and
-pass_at_k.png.
+theorems.jsonl (pooled per theorem, passn's problem records: a rollout is a sample), summary.json
+(for the model or ensemble and the baseline, passn's summary: pass@k over the k grid by the
+unbiased estimator, provenance) and pass_at_k.png; `passn frontier` reads it.
 """
 
 from __future__ import annotations
@@ -149,16 +150,42 @@ def pooled_rows(per_model: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str,
     return list(rows.values())
 
 
-def pass_at_k_summary(rows: Sequence[dict[str, Any]], k_grid: Sequence[int]) -> dict[str, Any]:
-    """Mean unbiased pass@k over the theorems (skipped ones listed apart), for k up to the attempts."""
-    from passn.evaluation import sampled_pass_at_k
+def theorem_record(row: dict[str, Any]) -> dict[str, Any]:
+    """A pooled theorem row as passn's problem record (passn.results): a rollout is a sample."""
+    from passn import results
 
-    scored = [r for r in rows if "skipped" not in r]
-    attempts, successes = [r["attempts"] for r in scored], [r["successes"] for r in scored]
-    return {"theorems": len(scored), "attempts_per_theorem": min(attempts, default=0),
-            "proved": sum(s > 0 for s in successes),
-            "pass_at_k": sampled_pass_at_k(attempts, successes, k_grid) if scored else {},
-            "skipped": [{"id": r["id"], "reason": r["skipped"]} for r in rows if "skipped" in r]}
+    if "skipped" in row:
+        return {"uid": row["id"], "skipped": row["skipped"]}
+    return results.problem_record(row["id"], row["attempts"], row["successes"], None, proof=row.get("proof"),
+                                  time_s=row.get("time_s"))
+
+
+def pass_at_k_summary(rows: Sequence[dict[str, Any]], k_grid: Sequence[int],
+                      provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """passn's summary (unbiased pass@k over the theorems, for k up to the attempts; skipped ones
+    listed apart) with the theorems proved."""
+    from passn import results
+
+    records = [theorem_record(r) for r in rows]
+    summary = results.summarise(records, k_grid, provenance or {})
+    summary.update(theorems=summary["problems"], attempts_per_theorem=summary["samples_per_problem"],
+                   proved=sum(r["correct"] > 0 for r in records if "skipped" not in r))
+    return summary
+
+
+def model_provenance(checkpoint: str, opts: ProveOptions) -> dict[str, Any]:
+    """How a model was trained (its checkpoint's manifest, where it has one) and how it was searched."""
+    import fsspec
+
+    from passn import checkpoint as ckpt
+    from passn import results
+
+    out: dict[str, Any] = {"checkpoint": checkpoint, "run": checkpoint.rstrip("/").rsplit("/", 1)[-1]}
+    fs, root = fsspec.core.url_to_fs(checkpoint)
+    if fs.exists(f"{root}/{ckpt.MANIFEST}"):
+        out.update(results.provenance_of_manifest(ckpt.verify_checkpoint(checkpoint, hashes=False).manifest, checkpoint))
+    return {**out, "sampler": f"{opts.backend} SamplerPool x {opts.samplers}, {opts.passes} rollouts of at most "
+                              f"{opts.max_steps} tactics", "verifier": "Coq (coqidetop)"}
 
 
 def default_backend() -> str:
@@ -272,12 +299,13 @@ def run_prove(checkpoints: Sequence[str], theorems_path: str, out: str, opts: Pr
     wanted = {t.id for t in theorems}
     ensemble = pooled_rows([[r for r in results[f"model{m}"] if r["id"] in wanted] for m in range(len(checkpoints))])
     with (root / THEOREMS_FILE).open("w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in ensemble)
+        f.writelines(json.dumps(theorem_record(r)) + "\n" for r in ensemble)
     k_grid = list(opts.k_grid or default_k_grid(opts.passes))
     name = "ensemble" if len(checkpoints) > 1 else "model"
-    summary: dict[str, Any] = {name: pass_at_k_summary(ensemble, k_grid)}
+    summary: dict[str, Any] = {name: pass_at_k_summary(ensemble, k_grid, model_provenance(checkpoints[0], opts))}
     if baseline:
-        summary["baseline"] = pass_at_k_summary([r for r in results["baseline"] if r["id"] in wanted], k_grid)
+        summary["baseline"] = pass_at_k_summary([r for r in results["baseline"] if r["id"] in wanted], k_grid,
+                                                model_provenance(baseline, opts))
     summary.update(models={label: {"checkpoint": c, "passes": p} for label, (c, p) in models.items()},
                    theorems_file=theorems_path, max_steps=opts.max_steps, time_budget_s=opts.time_budget_s,
                    temperature=opts.temperature, tactic_timeout_s=opts.tactic_timeout_s,

@@ -4,6 +4,8 @@
         --grid objective.budget=1,4,16,64,256 --grid seed=0,1
     passn sweep --resume runs/sweep          # finish an interrupted sweep
     passn frontier runs/sweep --out runs/sweep/report
+    passn sweep configs/tiny.yaml --run-dir runs/sweep --grid objective.budget=1,16,256 \
+        --evaluate --evaluate-samples 1024    # each trial's final checkpoint by an evaluation job
 
 Each trial trains with Ray Train inside its Tune trial (`passn train` into RUN_DIR/trials/NAME) and
 evaluates after every epoch (evaluation.every_epochs): exact coverage for direct-answer tasks,
@@ -13,6 +15,13 @@ to RUN_DIR/trials/NAME/results.jsonl when it finishes. Trials run as many at a t
 cluster's CPUs and GPUs allow. A failed trial is retried (--max-failures) and resumes from its
 newest checkpoint; --resume skips finished trials and resumes unfinished ones the same way.
 CE ignores N', so CE trials that differ only in objective.budget are run once.
+
+With --evaluate, once the trials are trained, each trial's final checkpoint (or, with
+--evaluate-checkpoints epochs, every epoch-end checkpoint) is evaluated by the evaluation job
+(`passn evaluate`: a SamplerPool, vLLM by default, and the task's verifier) at --evaluate-samples
+samples per problem, into RUN_DIR/trials/NAME/evaluate/step_NNNNNNNN/; `passn frontier` then
+builds the frontier from those results instead of the in-loop ones, which stay the cheap
+per-epoch signal. The evaluation options are part of the sweep: --resume finishes them too.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from typing import Any
 
 import fsspec
 
-from passn import sweeps
+from passn import results, sweeps
 from passn.config import ConfigError, config_hash, load_config, load_config_text
 
 
@@ -79,11 +88,51 @@ def run_trial(spec: dict[str, Any], trial: dict[str, Any], run_dir: str) -> list
     cfg = trial_config(spec, trial)
     trial_dir = f"{run_dir}/trials/{trial['name']}"
     run_training(cfg, trial_dir)
-    rows = sweeps.result_rows(trial["name"], cfg.objective.kind, cfg.objective.budget, cfg.seed,
-                              sweeps.read_epoch_summaries(trial_dir))
+    rows = [r for summary in sweeps.read_epoch_summaries(trial_dir)
+            for r in results.frontier_rows(summary, trial=trial["name"])]
     with fsspec.open(f"{trial_dir}/{sweeps.RESULTS_FILE}", "w") as f:  # written last: the trial's done marker
         f.writelines(json.dumps(r) + "\n" for r in rows)
     return rows
+
+
+def evaluation_checkpoints(trial_dir: str, which: str) -> list[str]:
+    """The trial's checkpoints to evaluate: the newest valid one ("final"), or every valid epoch-end one."""
+    from passn import checkpoint as ckpt
+
+    if which == "final":
+        newest = ckpt.newest_valid_checkpoint(trial_dir, warn=lambda *a, **k: None, hashes=False)
+        return [] if newest is None else [newest.path]
+    out = []
+    for path in reversed(ckpt.list_checkpoints(trial_dir)):  # oldest first
+        try:
+            if ckpt.verify_checkpoint(path, hashes=False).manifest.get("epoch_end"):
+                out.append(path)
+        except ckpt.CheckpointError as exc:
+            print(f"sweep: {path}: {exc}: not evaluated", flush=True)
+    return out
+
+
+def evaluate_trials(spec: dict[str, Any], run_dir: str) -> None:
+    """Evaluate the chosen checkpoints of every trial with the evaluation job (``spec["evaluate"]``);
+    an evaluation already finished (its summary.json) is skipped, an interrupted one resumes."""
+    from jobs.cluster import path_exists, ray_session
+    from jobs.evaluate import Source, run_evaluation
+
+    options = spec["evaluate"]
+    with ray_session():
+        for trial in spec["trials"]:
+            trial_dir = f"{run_dir}/trials/{trial['name']}"
+            cfg = trial_config(spec, trial)
+            for path in evaluation_checkpoints(trial_dir, options["checkpoints"]):
+                out = f"{trial_dir}/{sweeps.EVALUATE_DIR}/{path.rstrip('/').rsplit('/', 1)[-1]}"
+                if path_exists(f"{out}/summary.json"):
+                    continue
+                print(f"sweep: evaluating {trial['name']} {path.rsplit('/', 1)[-1]} with {options['samples']} "
+                      f"samples per problem ({options['backend']})", flush=True)
+                summary = run_evaluation(Source(checkpoint=path, backend=options["backend"],
+                                                samplers=options["samplers"]), cfg, options["samples"], out)
+                passes = " ".join(f"pass@{k} {v:.3f}" for k, v in summary["pass_at_k"].items())
+                print(f"sweep: {trial['name']}: {passes}", flush=True)
 
 
 def _tune_trial(config: dict[str, Any]) -> None:
@@ -192,10 +241,13 @@ def run_sweep(spec: dict[str, Any], run_dir: str, max_failures: int = 2, address
             errors = [r.error for r in grid if r.error]
         if errors:
             raise RuntimeError(f"{len(errors)} trial(s) failed after {max_failures} retries; the first: {errors[0]}")
-    out = {}
-    for t in spec["trials"]:
-        with fsspec.open(f"{run_dir}/trials/{t['name']}/{sweeps.RESULTS_FILE}", "r") as f:
-            out[t["name"]] = [json.loads(line) for line in f if line.strip()]
+    if spec.get("evaluate"):
+        evaluate_trials(spec, run_dir)
+    from jobs.frontier import read_results
+
+    out: dict[str, list[dict[str, Any]]] = {}
+    for row in read_results(run_dir):
+        out.setdefault(row["trial"], []).append(row)
     return out
 
 
@@ -211,6 +263,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="DIR", help="finish the sweep in DIR (finished trials are skipped)")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial (from its checkpoint)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    e = p.add_argument_group("evaluation jobs", "evaluate the trained checkpoints with passn evaluate")
+    e.add_argument("--evaluate", action="store_true", help="after training, evaluate each trial's checkpoints")
+    e.add_argument("--evaluate-samples", type=int, default=1024, metavar="N", help="samples per problem (default 1024)")
+    e.add_argument("--evaluate-checkpoints", choices=["final", "epochs"], default="final",
+                   help="the final checkpoint (default) or every epoch-end checkpoint")
+    e.add_argument("--evaluate-backend", choices=["vllm", "transformers"], default="vllm", help="sampling engine")
+    e.add_argument("--evaluate-samplers", type=int, default=1, metavar="K", help="sampler actors per evaluation")
     p.set_defaults(run=main_with_args)
 
 
@@ -224,12 +283,18 @@ def main_with_args(args: argparse.Namespace) -> int:
                 raise sweeps.SweepError("give --run-dir and at least one --grid (or --resume DIR)")
             run_dir = args.run_dir
             spec = plan(args.config, args.grid, args.set)
+            if args.evaluate:
+                if args.evaluate_samples < 1:
+                    raise sweeps.SweepError(f"--evaluate-samples ({args.evaluate_samples}) must be at least 1")
+                spec["evaluate"] = {"samples": args.evaluate_samples, "checkpoints": args.evaluate_checkpoints,
+                                    "backend": args.evaluate_backend, "samplers": args.evaluate_samplers}
         results = run_sweep(spec, run_dir, args.max_failures, args.address, resume=bool(args.resume))
     except (ConfigError, sweeps.SweepError, FileNotFoundError) as exc:
         print(f"passn sweep: {exc}", file=sys.stderr)
         return 2
     front = sweeps.frontier([r for rows in results.values() for r in rows])
-    print("frontier (each trial's last epoch):")
+    source = "evaluation jobs" if spec.get("evaluate") else "in-loop evaluation"
+    print(f"frontier (each trial's last epoch, from the {source}):")
     for f in front:
         print(f"  N = {f['N']:>5}: pass@N {f['pass_at_N']:.3f} with {f['objective']} N' = {f['train_budget']:g}"
               f" ({f['trial']})")

@@ -67,13 +67,3 @@ def sampled_pass_at_k(samples: Sequence[int], correct: Sequence[int], k_grid: Se
     ks = [k for k in k_grid if k <= min(samples)]
     values = coverage.pass_at_k(np.array(samples), np.array(correct), ks).mean(0)
     return {str(k): float(v) for k, v in zip(ks, values)}
-
-
-def exact_report(reference_logp: np.ndarray, greedy_confidence: Sequence[float], greedy_correct: Sequence[bool],
-                 k_grid: Sequence[int]) -> dict[str, Any]:
-    """pass@k from exact confidences plus the greedy-confidence summary, JSON-ready."""
-    pass_at_k = coverage.exact_coverage_from_logp(np.minimum(reference_logp, 0.0), list(k_grid)).mean(0)
-    return {
-        "pass_at_k": {str(k): float(v) for k, v in zip(k_grid, pass_at_k)},
-        "greedy": coverage.confidence_summary(greedy_confidence, greedy_correct).to_dict(),
-    }

@@ -1,7 +1,9 @@
 """Training objectives for pass@N: CE, DCO, DCOstep, whole-proof DCO, DCOa and Dr. GRPO.
 
-Pure torch functions of per-token log-probs; the trainer reduces the per-sequence losses they
-return. Paper: "Rethinking Fine-Tuning when Scaling Test-Time Compute: Limiting Confidence
+Every one of them trains as :func:`weighted_ce_loss`, CE times a detached per-sequence
+coefficient; this module holds that loss and the coefficients (the coverage weight F(N', p), its
+Monte Carlo form for DCOa, Dr. GRPO's advantages), as pure torch functions. Which coefficient a
+sequence gets is decided by its batch source (``passn.batches``). Paper: "Rethinking Fine-Tuning when Scaling Test-Time Compute: Limiting Confidence
 Improves Mathematical Reasoning" (arXiv 2502.07154, NeurIPS 2025). Equations as restated in
 docs/MATH.md.
 
@@ -172,79 +174,6 @@ def dco_weights(seq_logp_B: torch.Tensor, budget: int | float | torch.Tensor) ->
     return coverage_weight_from_logp(budget, seq_logp_B.detach())
 
 
-def dco_loss(
-    token_logp_BT: torch.Tensor,
-    mask_BT: torch.Tensor,
-    budget: int | float | torch.Tensor,
-    normalisation: CeNormalisation = "sequence_sum",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """DCO as a weighted CE: l = F(N', p).detach() * l_CE (paper Eq. 4; MATH.md section 2a).
-
-    Its gradient equals that of l_DCO^N' = -log(1 - (1 - p)^N') when ``normalisation`` is
-    ``sequence_sum``. N' = 1 is exactly CE. Returns (loss_B, weight_B).
-    """
-    weight_B = dco_weights(sequence_logprob(token_logp_BT, mask_BT), budget)
-    return weighted_ce_loss(token_logp_BT, mask_BT, weight_B, normalisation), weight_B
-
-
-def dco_loss_closed_form(seq_logp_B: torch.Tensor, budget: int | float) -> torch.Tensor:
-    """l_DCO^N = -log(1 - (1 - p)^N) through autograd (paper Eq. 3; MATH.md section 2b).
-
-    Computed as ``-log1mexp(N * log1mexp(s))``: both steps pick the branch whose backward pass
-    keeps full precision (torch's ``expm1`` backward forms ``result + 1``, which cancels when the
-    result is near -1). Where p < 2e-22 it uses the asymptote
-    ``-(s + log N)`` (exact in float64 there), so both ends stay finite with finite gradients.
-    """
-    _check_budget(budget)
-    if budget == 1:
-        return -seq_logp_B
-    # s = 0 (p = 1) makes log1mexp(s) = -inf; its true gradient F(N, 1) = 0 is what the clamp gives.
-    s_mid = seq_logp_B.clamp(min=_TINY_LOGP, max=-1e-300)
-    closed = -log1mexp(budget * log1mexp(s_mid))
-    s_low = seq_logp_B.clamp(max=_TINY_LOGP)
-    asymptote = -(s_low + math.log(budget))
-    return torch.where(seq_logp_B < _TINY_LOGP, asymptote, closed)
-
-
-def dco_step_loss(
-    token_logp_BT: torch.Tensor,
-    mask_BT: torch.Tensor,
-    budget: int | float,
-    normalisation: CeNormalisation = "sequence_sum",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """DCOstep: DCO applied to each (proof state, tactic) row with its own budget N_eff.
-
-        l = sum_i -log(1 - (1 - p(y_i | x_i))^N_eff),  grad = sum_i F(N_eff, p_i) grad l_CE(x_i, y_i)
-
-    (paper Section 5.3; MATH.md section 3). Each row of the batch is one proof step.
-    Returns (loss_B, weight_B).
-    """
-    return dco_loss(token_logp_BT, mask_BT, budget, normalisation)
-
-
-def whole_proof_dco_loss(
-    token_logp_BT: torch.Tensor,
-    mask_BT: torch.Tensor,
-    proof_index_B: torch.Tensor,
-    budget: int | float,
-    normalisation: CeNormalisation = "sequence_sum",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whole-proof ("naive") DCO: one weight F(N, prod_i p_i) scales every step of a proof.
-
-        p_proof = prod_i p(y_i | x_i),   grad = F(N, p_proof) sum_i grad l_CE(x_i, y_i)
-
-    (paper Section 5.3; MATH.md section 3). ``proof_index_B`` maps each step row to its proof
-    (integers; any labels). All steps of a proof must be in the batch for p_proof to be exact.
-    Returns (loss_B per step, weight_B per step).
-    """
-    step_logp_B = sequence_logprob(token_logp_BT, mask_BT).detach().to(torch.float64)
-    _, proof_of_step = torch.unique(proof_index_B, return_inverse=True)
-    proof_logp = torch.zeros(int(proof_of_step.max()) + 1, dtype=torch.float64, device=step_logp_B.device)
-    proof_logp.index_add_(0, proof_of_step, step_logp_B)
-    weight_B = coverage_weight_from_logp(budget, proof_logp)[proof_of_step]
-    return weighted_ce_loss(token_logp_BT, mask_BT, weight_B, normalisation), weight_B
-
-
 # ---------------------------------------------------------------------------------------------
 # DCOa (Section 5.4)
 # ---------------------------------------------------------------------------------------------
@@ -265,22 +194,6 @@ def dcoa_weights(num_correct: torch.Tensor, num_samples: int | torch.Tensor, bud
     return coverage_weight(budget, monte_carlo_confidence(num_correct, num_samples))
 
 
-def dcoa_loss(
-    token_logp_BT: torch.Tensor,
-    mask_BT: torch.Tensor,
-    num_correct_B: torch.Tensor,
-    num_samples: int | torch.Tensor,
-    budget: int | float,
-    normalisation: CeNormalisation = "sequence_sum",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """DCOa: l = F(N', p_MC).detach() * l_CE(x, c_ref + y) on the reference chain of thought.
-
-    (paper Section 5.4; MATH.md section 4). Returns (loss_B, weight_B).
-    """
-    weight_B = dcoa_weights(num_correct_B, num_samples, budget)
-    return weighted_ce_loss(token_logp_BT, mask_BT, weight_B, normalisation), weight_B
-
-
 # ---------------------------------------------------------------------------------------------
 # Dr. GRPO baseline (Appendix B)
 # ---------------------------------------------------------------------------------------------
@@ -297,25 +210,3 @@ def balanced_groups(rewards_PG: torch.Tensor) -> torch.Tensor:
     """Batch balancing: True for prompts whose G rewards are not all equal; all 0 or all 1 give
     A_i = 0 for every rollout, no gradient signal, and are skipped (paper Appendix B)."""
     return rewards_PG.amax(dim=-1) != rewards_PG.amin(dim=-1)
-
-
-def dr_grpo_loss(
-    token_logp_BT: torch.Tensor,
-    mask_BT: torch.Tensor,
-    advantage_B: torch.Tensor,
-    group_size: int,
-    length_constant: float = 1.0,
-) -> torch.Tensor:
-    """Negative Dr. GRPO surrogate per rollout (paper Appendix B; MATH.md section 6).
-
-        J = (1/G) sum_i sum_t A_i log p(o_{i,t} | q, o_{i,<t})
-
-    One update per rollout set, so no ratio or clipping; no per-response length normalisation
-    (``length_constant`` is one fixed divisor for all rollouts); no KL term. Rows are rollouts,
-    G of them per prompt. Returns -J's per-rollout terms, shape [B]; sum them over a prompt's
-    group and average over prompts.
-    """
-    if group_size < 1 or length_constant <= 0:
-        raise ValueError("group_size must be >= 1 and length_constant > 0")
-    seq_logp_B = sequence_logprob(token_logp_BT, mask_BT)
-    return -advantage_B.detach().to(seq_logp_B.dtype) * seq_logp_B / (group_size * length_constant)

@@ -26,6 +26,7 @@ import fsspec
 from passn import coverage
 
 RESULTS_FILE = "results.jsonl"
+EVALUATE_DIR = "evaluate"  # trials/NAME/evaluate/step_NNNNNNNN/: evaluation jobs on the trial's checkpoints
 SWEEP_FILE = "sweep.json"
 
 

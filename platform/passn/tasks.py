@@ -18,12 +18,15 @@ import json
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import PurePosixPath
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import fsspec
 import numpy as np
 
 from passn import verify
+
+if TYPE_CHECKING:
+    from passn.config import RunConfig
 
 Split = Literal["train", "test"]
 
@@ -331,3 +334,33 @@ class MathTask(Task):
         predictions = [self.extract(c) for c in completions]
         checker = verify.default_checker(self.mode)
         return checker.check_many(list(zip(predictions, (p.answer for p in problems), strict=True)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The task a run configures
+# ---------------------------------------------------------------------------------------------
+
+
+def build_task(cfg: RunConfig, run_dir: str | None = None) -> Task:
+    """The task of ``cfg.task`` (rejected rows go to ``run_dir`` when given)."""
+    t = cfg.task
+    if t.kind == "synthetic":
+        s = t.synthetic
+        return SyntheticTask(seed=t.seed, variant=t.variant, num_train=s.num_train, num_test=s.num_test,  # type: ignore[arg-type]
+                             question_length=s.question_length, num_letters=s.num_letters, beta=s.beta)
+    if t.kind == "coq":
+        from passn.proof_steps import proof_step_task
+
+        return proof_step_task(cfg)
+    return MathTask(t.train_path, t.test_path, template=t.variant, max_bad_fraction=t.max_bad_fraction,
+                    rejects_dir=run_dir, mode=t.answer_check)
+
+
+def held_out_problems(task: Task, cfg: RunConfig) -> list:
+    """The test split, or none for a MATH run configured without one (no epoch-end evaluation)."""
+    try:
+        return task.problems("test")
+    except DataError:
+        if cfg.task.kind in ("math", "coq"):
+            return []
+        raise

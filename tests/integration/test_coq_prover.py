@@ -240,12 +240,15 @@ def test_prove_end_to_end_on_a_handful_of_theorems(tmp_path):
     assert rows["true"]["successes"] > 0 and rows["impl"]["successes"] > 0 and rows["hard"]["successes"] == 0
     assert rows["true"]["proof"] == ["auto."]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["model"]["theorems"] == 4 and summary["model"]["skipped"][0]["id"] == "broken"
+    assert summary["model"]["theorems"] == 4 and summary["model"]["skipped"][0]["uid"] == "broken"
+    assert summary["model"]["provenance"]["verifier"] == "Coq (coqidetop)"
     assert summary["baseline"]["theorems"] == 4 and set(summary["model"]["pass_at_k"]) == {"1", "2", "4"}
     assert summary["model"]["pass_at_k"]["4"] >= summary["model"]["pass_at_k"]["1"] > 0
     assert (out / "pass_at_k.png").stat().st_size > 0
     pooled = [json.loads(line) for line in (out / "theorems.jsonl").read_text().splitlines()]
-    assert len(pooled) == 5
+    assert len(pooled) == 5  # passn's problem records: a rollout is a sample
+    assert {r["uid"] for r in pooled} == {"true", "impl", "hard", "broken", "lib"}
+    assert all(r["samples"] == 4 for r in pooled if "skipped" not in r)
 
 
 def test_prove_help_and_bad_input(tmp_path):

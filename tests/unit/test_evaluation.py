@@ -8,7 +8,7 @@ import torch
 
 from passn.config import TinyModelSpec
 from passn.data import encode_examples
-from passn.evaluation import exact_report, greedy_answers, sequence_logprobs
+from passn.evaluation import greedy_answers, sequence_logprobs
 from passn.models import PAD_ID, build_tiny_model
 from passn.tasks import SyntheticTask
 
@@ -49,14 +49,6 @@ def test_greedy_answers_are_argmax_paths_with_exact_confidence(model_and_task):
             ids.append(token)
         assert text == tokenizer.decode(ids[len(tokenizer(prompt).input_ids):], skip_special_tokens=True)
         assert confidence == pytest.approx(math.exp(logp), rel=1e-6)
-
-
-def test_exact_report():
-    # p = 0.5 and 0.1: pass@1 = 0.3, pass@2 = (0.75 + 0.19) / 2 = 0.47
-    report = exact_report(np.log([0.5, 0.1]), [0.95, 0.2], [True, False], [1, 2])
-    assert report["pass_at_k"]["1"] == pytest.approx(0.3)
-    assert report["pass_at_k"]["2"] == pytest.approx(0.47)
-    assert report["greedy"]["fraction_high_confidence"] == 0.5
 
 
 def test_sampled_pass_at_k_from_counts():

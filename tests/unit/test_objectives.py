@@ -1,4 +1,5 @@
-"""passn.objectives: the coverage weight, DCO in both forms, DCOstep, DCOa and Dr. GRPO."""
+"""passn.objectives: the coverage weight, and every objective as the one weighted CE the step trains
+(passn.batches.weighted_loss with the coefficients of DCO, DCOstep, DCOa and Dr. GRPO)."""
 
 import math
 
@@ -9,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from passn import objectives as obj
+from passn.batches import Fixed, OwnCoverage, weighted_loss
 
 budgets = st.integers(min_value=1, max_value=65536)
 probs = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
@@ -141,18 +143,31 @@ def test_dco_with_budget_one_equals_ce_exactly():
     torch.manual_seed(1)
     token_logp = torch.log_softmax(torch.randn(4, 6, 9), -1)[..., 0]
     mask = torch.ones(4, 6)
-    loss, weight = obj.dco_loss(token_logp, mask, budget=1)
+    loss, weight = weighted_loss(token_logp, mask, OwnCoverage(1), 0, "sequence_sum")
     assert torch.equal(weight, torch.ones(4, dtype=torch.float64))
     assert torch.equal(loss, obj.ce_loss(token_logp, mask))
+    # and CE's coefficient 1 gives CE itself, bit for bit
+    assert torch.equal(weighted_loss(token_logp, mask, Fixed((1.0,) * 4), 0, "sequence_sum")[0], loss)
 
 
 def test_dco_weight_uses_the_sequence_confidence():
     token_logp = torch.log(torch.tensor([[0.5, 0.5], [0.9, 1.0]], dtype=torch.float64))
     mask = torch.ones(2, 2)
     # p = 0.25 and 0.9; F(4, .25) = 108/175 (hand value above)
-    _, weight = obj.dco_loss(token_logp, mask, budget=4)
+    _, weight = weighted_loss(token_logp, mask, OwnCoverage(4), 0, "sequence_sum")
     assert weight[0].item() == pytest.approx(108 / 175, rel=1e-12)
     assert weight[1].item() == pytest.approx(exact_F(4, 0.9), rel=1e-9)
+
+
+def dco_loss_closed_form(seq_logp_B: torch.Tensor, budget: int) -> torch.Tensor:
+    """The oracle: l_DCO^N = -log(1 - (1 - p)^N) through autograd (paper Eq. 3; MATH.md 2b),
+    as ``-log1mexp(N * log1mexp(s))``; below s = -50 its asymptote -(s + log N), exact in float64."""
+    if budget == 1:
+        return -seq_logp_B
+    s_mid = seq_logp_B.clamp(min=-50.0, max=-1e-300)  # s = 0: the true gradient F(N, 1) = 0
+    closed = -obj.log1mexp(budget * obj.log1mexp(s_mid))
+    asymptote = -(seq_logp_B.clamp(max=-50.0) + math.log(budget))
+    return torch.where(seq_logp_B < -50.0, asymptote, closed)
 
 
 def _grads(loss_fn, s):
@@ -167,7 +182,7 @@ def test_both_dco_forms_have_the_same_gradient(n, s):
     seq_logp = torch.tensor([s], dtype=torch.float64)
     # (a) detached weight times CE; (b) the closed form through autograd
     grad_a = _grads(lambda x: obj.coverage_weight_from_logp(n, x.detach()) * -x, seq_logp)
-    grad_b = _grads(lambda x: obj.dco_loss_closed_form(x, n), seq_logp)
+    grad_b = _grads(lambda x: dco_loss_closed_form(x, n), seq_logp)
     weight = obj.coverage_weight_from_logp(n, seq_logp)
     # dl_CE/ds = -1, so both gradients must equal -F(N, p)
     torch.testing.assert_close(grad_a, -weight, rtol=1e-12, atol=1e-300)
@@ -176,7 +191,7 @@ def test_both_dco_forms_have_the_same_gradient(n, s):
 
 def test_closed_form_is_finite_at_the_ends():
     s = torch.tensor([-1e4, -60.0, -1e-300, 0.0], dtype=torch.float64, requires_grad=True)
-    loss = obj.dco_loss_closed_form(s, 64)
+    loss = dco_loss_closed_form(s, 64)
     loss.sum().backward()
     assert torch.isfinite(loss).all() and torch.isfinite(s.grad).all()
     assert s.grad[0].item() == -1.0  # far from confident: the CE gradient
@@ -186,18 +201,9 @@ def test_closed_form_is_finite_at_the_ends():
 def test_dco_step_is_per_row_dco():
     token_logp = torch.log(torch.tensor([[0.5], [0.1]], dtype=torch.float64))
     mask = torch.ones(2, 1)
-    loss, weight = obj.dco_step_loss(token_logp, mask, budget=8)
+    loss, weight = weighted_loss(token_logp, mask, OwnCoverage(8), 0, "sequence_sum")
     assert weight.tolist() == pytest.approx([exact_F(8, 0.5), exact_F(8, 0.1)], rel=1e-12)
     assert loss.tolist() == pytest.approx([exact_F(8, 0.5) * math.log(2), exact_F(8, 0.1) * math.log(10)])
-
-
-def test_whole_proof_weight_uses_the_product_of_step_probabilities():
-    # proof 7 has steps with p = 0.5, 0.4 (p_proof = 0.2); proof 3 has one step with p = 0.9
-    token_logp = torch.log(torch.tensor([[0.5], [0.9], [0.4]], dtype=torch.float64))
-    mask = torch.ones(3, 1)
-    loss, weight = obj.whole_proof_dco_loss(token_logp, mask, torch.tensor([7, 3, 7]), budget=4)
-    assert weight.tolist() == pytest.approx([exact_F(4, 0.2), exact_F(4, 0.9), exact_F(4, 0.2)], rel=1e-9)
-    assert loss[0].item() == pytest.approx(exact_F(4, 0.2) * math.log(2), rel=1e-9)
 
 
 def test_dcoa_weight_from_monte_carlo_estimate():
@@ -205,7 +211,7 @@ def test_dcoa_weight_from_monte_carlo_estimate():
     weight = obj.dcoa_weights(torch.tensor([0, 6, 64]), 64, budget=64)
     assert weight.tolist() == pytest.approx([1.0, exact_F(64, 6 / 64), 0.0], rel=1e-12)
     token_logp = torch.full((3, 2), -0.5, dtype=torch.float64)
-    loss, _ = obj.dcoa_loss(token_logp, torch.ones(3, 2), torch.tensor([0, 6, 64]), 64, budget=64)
+    loss, _ = weighted_loss(token_logp, torch.ones(3, 2), Fixed(tuple(weight.tolist())), 0, "sequence_sum")
     assert loss.tolist() == pytest.approx([1.0, exact_F(64, 6 / 64), 0.0], rel=1e-12)  # CE = 1 each
     with pytest.raises(ValueError):
         obj.dcoa_weights(torch.tensor([65]), 64, budget=64)
@@ -230,9 +236,9 @@ def test_batch_balancing_skips_uniform_groups():
 def test_dr_grpo_gradient_is_advantage_over_group_size():
     token_logp = torch.tensor([[-1.0, -2.0], [-3.0, -4.0]], requires_grad=True)
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
-    advantage = torch.tensor([0.5, -0.5])
-    loss = obj.dr_grpo_loss(token_logp, mask, advantage, group_size=2, length_constant=1.0)
-    # -A * s / G: -(0.5 * -3) / 2 = 0.75 and -(-0.5 * -3) / 2 = -0.75 (no length normalisation)
-    assert loss.tolist() == [0.75, -0.75]
-    loss.sum().backward()
+    # one prompt, G = 2 rollouts with advantages +-0.5: c = A, summed over tokens
+    loss_B, _ = weighted_loss(token_logp, mask, Fixed((0.5, -0.5)), 0, "sequence_sum")
+    assert loss_B.tolist() == [1.5, -1.5]  # A * -s: 0.5 * 3 and -0.5 * 3 (no length normalisation)
+    step_loss = loss_B.sum() / 2  # the step divides by its S = G = 2 sequences: -J with J = (1/G) sum_i A_i s_i
+    step_loss.backward()
     assert token_logp.grad.tolist() == [[-0.25, -0.25], [0.25, 0.0]]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from passn.config import TinyModelSpec, load_config
+from passn.config import TinyModelSpec
 from passn.data import Example, collate
 from passn.models import EOS_ID, PAD_ID, build_tiny_model
 from passn.online import Estimate, MonteCarloCache, p_mc_summary
@@ -35,11 +35,9 @@ def test_p_mc_summary_reports_the_distribution_and_the_worst_staleness():
 
 
 def test_dr_grpo_loss_of_the_training_loop_equals_the_hand_computation():
-    from jobs.train import per_sequence_loss
     from passn import objectives
+    from passn.batches import Fixed, weighted_loss
 
-    cfg = load_config(None, ["objective.kind=dr_grpo", "objective.group_size=2", "optim.sequences_per_step=4",
-                             "optim.micro_sequences_per_worker=4", "resources.num_workers=1"])
     model, _ = build_tiny_model(TinyModelSpec(), seed=3)
     prompts = [(1, 14, 15), (1, 20, 21, 22)]
     # two prompts x two rollouts; rewards (1, 0) and (0, 1): advantages +-1/2
@@ -53,7 +51,8 @@ def test_dr_grpo_loss_of_the_training_loop_equals_the_hand_computation():
     with torch.no_grad():
         logits = model(input_ids=batch["inputs_BT"], attention_mask=batch["attention_BT"]).logits
     token_logp = objectives.token_logprobs(logits, batch["targets_BT"])
-    loss_B, _ = per_sequence_loss(cfg, token_logp, batch["mask_BT"], advantages)
+    # what RolloutBatches gives the step: c = A, summed over tokens
+    loss_B, _ = weighted_loss(token_logp, batch["mask_BT"], Fixed(tuple(advantages.tolist())), 0, "sequence_sum")
     step_loss = float(loss_B.sum() / len(examples))  # what the loop back-propagates
 
     # by hand: -J averaged over prompts, J = (1/G) sum_i A_i sum_t log p(o_i,t | q, o_i,<t)

@@ -187,7 +187,7 @@ def test_pass_at_k_summary_uses_the_unbiased_estimator():
     s = pass_at_k_summary(rows, [1, 2, 4, 8])
     # x: pass@1 = 1/4, pass@2 = 1 - C(3,2)/C(4,2) = 1 - 3/6 = 0.5, pass@4 = 1; y: 0; mean over 2 theorems
     assert s["pass_at_k"] == pytest.approx({"1": 0.125, "2": 0.25, "4": 0.5}, abs=1e-12)
-    assert s["proved"] == 1 and s["theorems"] == 2 and s["skipped"] == [{"id": "z", "reason": "context failed"}]
+    assert s["proved"] == 1 and s["theorems"] == 2 and s["skipped"] == [{"uid": "z", "skipped": "context failed"}]
     assert default_k_grid(12) == [1, 2, 4, 8, 12]
 
 

@@ -12,7 +12,9 @@ and the results are all-gathered, so every worker holds the same Monte Carlo cac
 same keep/drop decisions. With ``objective.staleness: 1`` a worker's pool samples the next
 step's candidates in a background thread while the worker trains the current step.
 
-    online = OnlineSampler(cfg, task, problems, tokenizer, module, export_weights, limit, rank, world, gather)
+It is the :class:`passn.batches.Sampler` that DCOa's and Dr. GRPO's batch sources read:
+
+    online = OnlineSampler(cfg, task, problems, tokenizer, engine, limit, collective)
     estimates = online.estimates(window, trainer_version=step)   # DCOa: p_MC per candidate
     groups = online.groups(window, trainer_version=step)         # Dr. GRPO: G rollouts per prompt
 """
@@ -30,31 +32,32 @@ from typing import Any
 import torch
 
 from passn import evaluation
+from passn.collective import Collective
 from passn.config import RunConfig
 from passn.data import Example
 from passn.online import Estimate, MonteCarloCache, Rollout
 from passn.sampling import group_by_prompt
+from trainer.engines import export_weights
 
 # one draw: example index -> [(completion token ids, verified correct)]
 Draw = dict[int, list[tuple[tuple[int, ...], bool]]]
 
 
 class OnlineSampler:
-    def __init__(self, cfg: RunConfig, task, problems: Sequence, tokenizer, module: Callable[[], Any],
-                 export_weights: Callable[[str], None], max_model_len: int, rank: int, world: int,
-                 gather: Callable[[Any], list[Any]]) -> None:
-        """``module()``: the model being trained; ``export_weights(dir)``: write it as a Hugging Face
-        folder (called on every worker at once: ZeRO-3 gathers); ``gather(x)``: all workers' x."""
+    def __init__(self, cfg: RunConfig, task, problems: Sequence, tokenizer, engine, max_model_len: int,
+                 collective: Collective) -> None:
+        """``engine``: the training engine whose weights the pool samples (its ``module``, exported
+        as a Hugging Face folder on every worker at once: ZeRO-3 gathers)."""
         self.cfg, self.task, self.problems, self.tokenizer = cfg, task, problems, tokenizer
-        self.module, self.export_weights, self.max_model_len = module, export_weights, max_model_len
-        self.rank, self.world, self.gather = rank, world, gather
+        self.engine, self.max_model_len, self.collective = engine, max_model_len, collective
+        self.rank, self.world, self.gather = collective.rank, collective.world, collective.gather
         self.kind = cfg.objective.kind
         self.samples = cfg.objective.mc_samples if self.kind == "dcoa" else cfg.objective.group_size
         self.staleness = cfg.objective.staleness
         self.cache = MonteCarloCache()  # dcoa
         self.rollouts: dict[int, list[Rollout]] = {}  # dr_grpo
         self.pool = self.verifier = None
-        self.folder = Path(tempfile.mkdtemp(prefix=f"passn-policy-rank{rank}-"))
+        self.folder = Path(tempfile.mkdtemp(prefix=f"passn-policy-rank{self.rank}-"))
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="passn-prefetch")
         self.pending: tuple[Future, int] | None = None  # a background draw and its policy version
         self.origin: Path | None = None  # the folder the pool was created from: a restarted actor loads it
@@ -68,7 +71,7 @@ class OnlineSampler:
             return
         started = time.perf_counter()
         target = self.folder / f"v{trainer_version}"
-        self.export_weights(str(target))
+        export_weights(self.engine, self.tokenizer, self.cfg, str(target))
         r = self.cfg.resources
         if self.pool is None:
             import ray
@@ -108,7 +111,7 @@ class OnlineSampler:
         ids = self.tokenizer(prompt).input_ids
         example = Example("sync-check", tuple(ids) + tuple(greedy.token_ids), len(ids))
         with torch.no_grad():
-            trainer = float(evaluation.sequence_logprobs(self.module(), [example], self.tokenizer.pad_token_id)[0])
+            trainer = float(evaluation.sequence_logprobs(self.engine.module, [example], self.tokenizer.pad_token_id)[0])
         return abs(trainer - greedy.cumulative_logprob)
 
     # -- drawing samples ---------------------------------------------------------------------------
@@ -226,6 +229,8 @@ class OnlineSampler:
         out, self.metrics = self.metrics, {}
         if self.pool is not None:
             out["pool_version"] = self.pool.version
+            if self.cfg.resources.sampler_gpu_fraction > 0 and self.pending is None:  # (a state() call would queue behind the prefetch)
+                out["sampler_gpu_peak_gb"] = max(self.pool.gpu_peak_bytes() or [0]) / 2**30
         return out
 
     def state(self) -> dict[str, Any]:

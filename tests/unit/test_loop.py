@@ -1,0 +1,81 @@
+"""trainer.loop in one plain process, no Ray: the same loop Ray Train runs on each worker.
+
+Its losses match the golden file of the 2-worker Ray + DeepSpeed run (another engine and worker
+count: float tolerance), micro-batching does not change them, and a resume is bitwise."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from passn import checkpoint as ckpt
+from passn.collective import OneProcess
+from passn.config import load_config
+from trainer.loop import train
+from trainer.state import read_metrics
+
+ROOT = Path(__file__).parents[2]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+# tests/integration/test_train.py's SHORT run: 256 problems, 32 sequences a step, 2 epochs: 16 steps
+SHORT = ["task.synthetic.num_train=256", "task.synthetic.num_test=64", "optim.epochs=2",
+         "optim.sequences_per_step=32", "optim.micro_sequences_per_worker=8", "storage.checkpoint_every_steps=4",
+         "resources.backend=ddp", "resources.num_workers=1"]
+
+
+def run(run_dir, *overrides):
+    cfg = load_config(TINY, [*SHORT, *overrides])
+    torch.set_num_threads(1)
+    train(cfg, str(run_dir), OneProcess(), torch.device("cpu"))
+    return read_metrics(str(run_dir))
+
+
+def golden(name):
+    """The recorded losses and the tolerance: 1e-6 relative (measured: 6e-8 for CE), 1e-4 on a CPU
+    whose vector unit differs from the recording's."""
+    recorded = json.loads((ROOT / "tests" / "assets" / "losses" / f"{name}.json").read_text())
+    same_cpu = recorded["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    return [s["loss"] for s in recorded["steps"]], 1e-6 if same_cpu else 1e-4
+
+
+@pytest.fixture(scope="module")
+def ce_rows(tmp_path_factory):
+    return run(tmp_path_factory.mktemp("ce"), "storage.keep_checkpoints=10")
+
+
+def test_one_process_ce_gives_the_ray_runs_golden_losses(ce_rows):
+    # the golden run: 2 Ray Train workers of 16 sequences, DeepSpeed ZeRO-2; here one process of 32, torch AdamW
+    assert [r["step"] for r in ce_rows] == list(range(1, 17))
+    want, rtol = golden("ce")
+    assert [r["loss"] for r in ce_rows] == pytest.approx(want, rel=rtol)
+    assert all(r["sequences"] == 32 and r["weight_mean"] == 1.0 for r in ce_rows)
+
+
+def test_micro_batching_does_not_change_the_losses(ce_rows, tmp_path):
+    rows = run(tmp_path, "optim.micro_sequences_per_worker=32", "optim.epochs=1")
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in ce_rows[:8]], rel=1e-5)
+
+
+def test_dco_with_refill_in_one_process_gives_the_golden_losses(tmp_path):
+    rows = run(tmp_path, "objective.kind=dco", "objective.budget=256", "objective.refill_threshold=0.3",
+               "optim.epochs=4")
+    assert all(r["sequences"] == 32 and r["weight_min"] >= 0.3 for r in rows)
+    assert sum(r["dropped"] for r in rows) > 0
+    want, rtol = golden("dco_refill")
+    assert len(rows) == len(want) and [r["loss"] for r in rows] == pytest.approx(want, rel=rtol)
+
+
+def test_a_resume_in_one_process_is_bitwise(ce_rows, tmp_path_factory):
+    full = tmp_path_factory.getbasetemp() / "ce0"
+    part = tmp_path_factory.mktemp("resumed")
+    # the full run's directory with everything after step 8 removed: as if it had died there
+    shutil.copytree(full, part, dirs_exist_ok=True)
+    for path in ckpt.list_checkpoints(str(part)):
+        if int(Path(path).name.split("_")[-1]) > 8:
+            shutil.rmtree(path)
+    metrics = part / "metrics.jsonl"
+    metrics.write_text("".join(line for line in metrics.read_text().splitlines(keepends=True)
+                               if json.loads(line)["step"] <= 8))
+    rows = run(part, "storage.keep_checkpoints=10")
+    assert [r["loss"] for r in rows] == [r["loss"] for r in ce_rows]  # bitwise
