@@ -26,7 +26,7 @@ from typing import Any
 
 import ray
 
-from passn.sampling import Completion, Skipped, Work, plan_work
+from passn.sampling import Completion, Skipped, Work, plan_work, prompt_seed
 
 # fault injection: "PATH" or "PATH:V": the first request (to an actor holding policy version >= V)
 # that finds the marker file PATH absent creates it and kills its actor
@@ -60,12 +60,15 @@ class VLLMEngine:
             self.llm.sleep(level=1)
 
     def sample(self, prompt_ids: list[list[int]], samples: int, temperature: float, max_new_tokens: int,
-               seed: int) -> list[list[tuple[str, tuple[int, ...], float, str]]]:
+               seed: int, prompt_seeds: list[int] | None = None) -> list[list[tuple[str, tuple[int, ...], float, str]]]:
+        """``prompt_seeds``: one per prompt (passn.sampling.prompt_seed): vLLM gives the j-th sample
+        of a prompt seeded s the seed s + j."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(n=samples, temperature=temperature, max_tokens=max_new_tokens,
-                                seed=None if temperature == 0 else seed, logprobs=0)
+        seeds = prompt_seeds or [seed] * len(prompt_ids)
+        params = [SamplingParams(n=samples, temperature=temperature, max_tokens=max_new_tokens,
+                                 seed=None if temperature == 0 else s, logprobs=0) for s in seeds]
         if self.sleep_when_idle:
             self.llm.wake_up()
         try:
@@ -108,7 +111,8 @@ class TransformersEngine:
         self.sleep_when_idle = sleep_when_idle and device == "cuda"  # free the cache allocator's blocks
 
     def sample(self, prompt_ids: list[list[int]], samples: int, temperature: float, max_new_tokens: int,
-               seed: int) -> list[list[tuple[str, tuple[int, ...], float, str]]]:
+               seed: int, prompt_seeds: list[int] | None = None) -> list[list[tuple[str, tuple[int, ...], float, str]]]:
+        """One generator seeded ``seed`` draws every row (``prompt_seeds`` are vLLM's concern)."""
         from passn.generation import sample_tokens
 
         rows = sample_tokens(self.model, prompt_ids, samples, temperature, max_new_tokens, seed, self.eos_ids,
@@ -182,8 +186,10 @@ class SamplerActor:
                 accepted.append((index, ids))
         if not accepted:
             return [], skipped
+        # seed + chunk: the transformers engine's generator for this unit; per prompt: vLLM's
         outputs = self.engine.sample([ids for _, ids in accepted], work.samples, temperature, max_new_tokens,
-                                     seed + work.chunk)
+                                     seed + work.chunk, [prompt_seed(seed, index, work.first_sample)
+                                                         for index, _ in accepted])
         completions = [
             Completion(prompt_index=index, sample_index=work.first_sample + j, text=text, token_ids=token_ids,
                        cumulative_logprob=logp, num_tokens=len(token_ids), finish_reason=reason,

@@ -6,6 +6,7 @@ Shape legend: P = prompts, N = samples per prompt.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from collections.abc import Sequence
 
@@ -49,6 +50,21 @@ class Work:
     first_sample: int
     samples: int
     chunk: int
+
+
+SEED_SPACE = 1 << 62  # below torch's and vLLM's 64-bit limit, with room for seed + sample
+
+
+def prompt_seed(seed: int, prompt_index: int, first_sample: int = 0) -> int:
+    """The seed of sample ``first_sample`` of prompt ``prompt_index`` in a request seeded ``seed``.
+
+    vLLM seeds the j-th of a request's n samples with ``seed + j``. So the samples of one prompt get
+    the consecutive seeds base + s for s = 0 .. N-1 (chunks included), and different prompts or
+    calls get unrelated bases: no two samples share a random stream. (``seed + chunk`` for every
+    prompt, as before, made chunk c's sample j repeat chunk 0's sample j + c, and gave every prompt
+    of a request the same random numbers.)"""
+    digest = hashlib.blake2b(f"{seed}:{prompt_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % SEED_SPACE + first_sample
 
 
 def plan_work(num_prompts: int, samples_per_prompt: int, max_samples_per_request: int,

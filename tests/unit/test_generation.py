@@ -81,3 +81,13 @@ def test_rejects_greedy_with_several_samples(model):
     with pytest.raises(ValueError, match="greedy"):
         sample_tokens(model, PROMPTS, samples=2, temperature=0.0, max_new_tokens=2, seed=0, eos_ids={EOS_ID},
                       pad_id=PAD_ID)
+
+
+def test_prompt_seeds_give_every_sample_of_every_prompt_its_own_stream():
+    from passn.sampling import SEED_SPACE, plan_work, prompt_seed
+
+    # 5 prompts x 1024 samples in chunks of 256; vLLM seeds sample j of a request with seed + j
+    used = [prompt_seed(3, p, u.first_sample) + j for u in plan_work(5, 1024, 256, 2) for p in u.prompt_indices
+            for j in range(u.samples)]
+    assert len(used) == len(set(used)) == 5 * 1024 and max(used) < SEED_SPACE + 1024
+    assert prompt_seed(3, 0) != prompt_seed(4, 0) and prompt_seed(3, 0, 256) == prompt_seed(3, 0) + 256
