@@ -5,8 +5,9 @@ through the official ``openai`` client, with the SamplerPool's interface.
     completions, skipped = sampler.generate(prompts, samples_per_prompt=256, temperature=1.0,
                                             max_new_tokens=16, seed=0)
 
-Large n is split into requests of at most ``max_n`` samples (chunk c seeded ``seed + c``, as the
-pool does); requests run ``concurrency`` at a time; 429/5xx answers and timeouts are retried with
+Large n is split into requests of at most ``max_n`` samples, one prompt each, seeded as the pool
+seeds its vLLM engines (``passn.sampling.prompt_seed``: the server gives sample j of a request seeded
+s the seed s + j, so no two samples share a stream); requests run ``concurrency`` at a time; 429/5xx answers and timeouts are retried with
 backoff by the client (honouring Retry-After). A prompt the server refuses as invalid (400, for
 example longer than the model allows) is skipped with the server's message; any other error stops.
 """
@@ -17,7 +18,7 @@ import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from passn.sampling import Completion, Skipped, Work, plan_work
+from passn.sampling import Completion, Skipped, Work, plan_work, prompt_seed
 
 
 class EndpointSampler:
@@ -53,7 +54,7 @@ class EndpointSampler:
         try:
             out = self.client.completions.create(
                 model=self.model, prompt=prompt, n=unit.samples, temperature=temperature, max_tokens=max_new_tokens,
-                seed=None if temperature == 0 else seed + unit.chunk, logprobs=1)
+                seed=None if temperature == 0 else prompt_seed(seed, index, unit.first_sample), logprobs=1)
         except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
             return [], [Skipped(index, f"refused by the server: {exc.message}")]
         completions = []
