@@ -62,8 +62,14 @@ def test_dco_with_refill_in_one_process_gives_the_golden_losses(tmp_path):
                "optim.epochs=4")
     assert all(r["sequences"] == 32 and r["weight_min"] >= 0.3 for r in rows)
     assert sum(r["dropped"] for r in rows) > 0
+    assert len(rows) < 32  # dropping consumes the stream faster than training: fewer steps than 4 epochs x 8
     want, rtol = golden("dco_refill")
     assert len(rows) == len(want) and [r["loss"] for r in rows] == pytest.approx(want, rel=rtol)
+
+
+def test_dco_with_budget_one_gives_the_ce_losses_exactly(ce_rows, tmp_path):
+    rows = run(tmp_path, "objective.kind=dco", "objective.budget=1", "storage.keep_checkpoints=10")
+    assert [r["loss"] for r in rows] == [r["loss"] for r in ce_rows]  # F(1, p) = 1: CE bit for bit
 
 
 def test_a_resume_in_one_process_is_bitwise(ce_rows, tmp_path_factory):
