@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from passn import coverage, objectives
+from passn import objectives
 from passn.data import Example, collate
 from passn.generation import sample_tokens
 
@@ -60,10 +60,3 @@ def sampled_correct_counts(model, tokenizer, task, problems: Sequence[Any], prom
         texts = [tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in row]
         counts.append(sum(v.correct for v in task.check_many([problem] * len(texts), texts)))
     return counts
-
-
-def sampled_pass_at_k(samples: Sequence[int], correct: Sequence[int], k_grid: Sequence[int]) -> dict[str, float]:
-    """Mean unbiased pass@k over problems (k above the sample count is left out)."""
-    ks = [k for k in k_grid if k <= min(samples)]
-    values = coverage.pass_at_k(np.array(samples), np.array(correct), ks).mean(0)
-    return {str(k): float(v) for k, v in zip(ks, values)}

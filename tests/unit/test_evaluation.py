@@ -2,7 +2,6 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -49,14 +48,6 @@ def test_greedy_answers_are_argmax_paths_with_exact_confidence(model_and_task):
             ids.append(token)
         assert text == tokenizer.decode(ids[len(tokenizer(prompt).input_ids):], skip_special_tokens=True)
         assert confidence == pytest.approx(math.exp(logp), rel=1e-6)
-
-
-def test_sampled_pass_at_k_from_counts():
-    from passn.evaluation import sampled_pass_at_k
-
-    # n = 4, c = 1: pass@1 = 1/4, pass@4 = 1; n = 4, c = 0: 0
-    got = sampled_pass_at_k([4, 4], [1, 0], [1, 4, 8])
-    assert set(got) == {"1", "4"} and got["1"] == pytest.approx(0.125) and got["4"] == pytest.approx(0.5)
 
 
 def test_sampled_correct_counts_verify_every_sample(model_and_task):
