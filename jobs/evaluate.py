@@ -39,14 +39,21 @@ from passn.tasks import DataError, MathTask
 PROBLEMS_FILE, SUMMARY_FILE = "problems.jsonl", "summary.json"
 
 
-def resolve_model_dir(checkpoint: str) -> str:
-    """A checkpoint folder (verified by its manifest) or a plain Hugging Face folder -> model folder."""
+def resolve_checkpoint(checkpoint: str) -> tuple[str, dict[str, Any] | None]:
+    """A checkpoint folder (verified by its manifest) or a plain Hugging Face folder -> (model
+    folder, the checkpoint's manifest or None)."""
     fs, root = fsspec.core.url_to_fs(checkpoint)
     if fs.exists(f"{root}/{ckpt.MANIFEST}"):
-        return ckpt.verify_checkpoint(checkpoint).model_dir
+        verified = ckpt.verify_checkpoint(checkpoint)
+        return verified.model_dir, verified.manifest
     if fs.exists(f"{root}/config.json"):
-        return checkpoint
+        return checkpoint, None
     raise FileNotFoundError(f"{checkpoint}: neither a passn checkpoint (manifest.json) nor a model folder (config.json)")
+
+
+def resolve_model_dir(checkpoint: str) -> str:
+    """The model folder of a checkpoint or of a plain Hugging Face folder (see resolve_checkpoint)."""
+    return resolve_checkpoint(checkpoint)[0]
 
 
 def _read_rows(out: str) -> list[dict[str, Any]]:
@@ -82,15 +89,12 @@ class Source:
     def describe(self) -> dict[str, Any]:
         return {"checkpoint": self.checkpoint} if self.checkpoint else {"endpoint": self.endpoint, "model": self.model}
 
-    def provenance(self, checkpoint: str | None) -> dict[str, Any]:
-        """How the evaluated weights were trained (from the checkpoint's manifest) and how they were sampled."""
+    def provenance(self, checkpoint: str | None, manifest: dict[str, Any] | None) -> dict[str, Any]:
+        """How the evaluated weights were trained (the checkpoint's manifest) and how they were sampled."""
         out: dict[str, Any] = {"sampler": f"{self.backend} SamplerPool x {self.samplers}"} if self.checkpoint else \
             {"sampler": f"endpoint {self.endpoint}", "run": self.model, "checkpoint": self.model}
-        if checkpoint is not None:
-            fs, root = fsspec.core.url_to_fs(checkpoint)
-            if fs.exists(f"{root}/{ckpt.MANIFEST}"):
-                out.update(results.provenance_of_manifest(ckpt.verify_checkpoint(checkpoint, hashes=False).manifest,
-                                                          checkpoint))
+        if checkpoint is not None and manifest is not None:
+            out.update(results.provenance_of_manifest(manifest, checkpoint))
         return out
 
 
@@ -106,8 +110,10 @@ def run_evaluation(source: Source | str, cfg: RunConfig, samples: int, out: str,
     if isinstance(source, str):
         source = Source(checkpoint=source, samplers=num_samplers)
     given = absolute_path(source.checkpoint) if source.checkpoint is not None else None
-    if source.checkpoint is not None:  # verified before anything starts
-        source = dataclasses.replace(source, checkpoint=resolve_model_dir(given))
+    manifest = None
+    if given is not None:  # verified before anything starts
+        model_dir, manifest = resolve_checkpoint(given)
+        source = dataclasses.replace(source, checkpoint=model_dir)
     out = absolute_path(out)  # type: ignore[assignment]
     task = build_task(cfg)
     problems = task.problems("test")[:limit]
@@ -161,7 +167,7 @@ def run_evaluation(source: Source | str, cfg: RunConfig, samples: int, out: str,
                 pool.shutdown()
             if verifier is not None:
                 verifier.shutdown()
-    provenance = {**source.provenance(given), "verifier": f"VerifierPool ({cfg.task.answer_check})" if isinstance(
+    provenance = {**source.provenance(given, manifest), "verifier": f"VerifierPool ({cfg.task.answer_check})" if isinstance(
         task, MathTask) else f"in process ({cfg.task.answer_check})"}
     summary = results.summarise(rows, k_grid, provenance)
     summary.update(**source.describe(), task=task.name, temperature=cfg.sampling.temperature, finished=time.time())
