@@ -39,6 +39,10 @@ def _run(staleness: int, args: argparse.Namespace) -> dict[str, float]:
                  "evaluation.samples_per_problem=16", "evaluation.k_grid=[1,16]",
                  f"model.tiny.hidden_size={args.hidden}", f"model.tiny.intermediate_size={4 * args.hidden}",
                  f"model.tiny.num_layers={args.layers}", f"model.tiny.num_heads={args.hidden // 32}"]
+    import torch
+
+    if torch.cuda.is_available():  # the trainer and its sampler share the GPU (DeepSpeed would take it anyway)
+        overrides += ["resources.gpus_per_worker=0.5", "resources.sampler_gpu_fraction=0.4"]
     rows = run_training(load_config(CONFIG, overrides), tempfile.mkdtemp(prefix=f"passn-bench-dcoa-{staleness}-"))
     timed = rows[2:]
     if not timed:
