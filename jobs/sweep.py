@@ -14,7 +14,8 @@ per epoch x k results go
 to RUN_DIR/trials/NAME/results.jsonl when it finishes. Trials run as many at a time as the
 cluster's CPUs and GPUs allow. A failed trial is retried (--max-failures) and resumes from its
 newest checkpoint; --resume skips finished trials and resumes unfinished ones the same way.
-CE ignores N', so CE trials that differ only in objective.budget are run once.
+A grid field a trial's objective ignores (CE's N', DCO's group_size) takes its default there, and
+a fixed --set of such a field is left out of that trial; trials that then differ in nothing are run once.
 
 With --evaluate, once the trials are trained, each trial's final checkpoint (or, with
 --evaluate-checkpoints epochs, every epoch-end checkpoint) is evaluated by the evaluation job
@@ -38,7 +39,17 @@ from typing import Any
 import fsspec
 
 from passn import results, sweeps
-from passn.config import ConfigError, config_hash, load_config, load_config_text
+from passn.config import (ConfigError, ObjectiveConfig, config_hash, load_config, load_config_text,
+                          objective_field_applies)
+
+
+def ignored_by(kind: str, field: str) -> str | None:
+    """The default, as an override value, of ``objective.<x>`` when objective ``kind`` ignores it
+    (it cannot be set there); None for any field that applies."""
+    name = field.strip().removeprefix("objective.")
+    if not field.strip().startswith("objective.") or objective_field_applies(name, kind):
+        return None
+    return str(ObjectiveConfig.model_fields[name].default).lower()  # YAML: true/false
 
 
 def plan(config: str | None, grid_specs: list[str], overrides: list[str]) -> dict[str, Any]:
@@ -51,19 +62,20 @@ def plan(config: str | None, grid_specs: list[str], overrides: list[str]) -> dic
             text = f.read()
     trials, seen = [], {}
     for combo in sweeps.expand(grid):
-        if combo.get("objective.kind") == "ce" and "objective.budget" in combo:
-            combo = {**combo, "objective.budget": "1"}  # N' does not change CE
+        asked = sweeps.trial_name(combo)
+        kind = combo.get("objective.kind")
+        if kind is not None:  # a grid field this trial's objective ignores (CE's N') takes its default
+            combo = {k: v if ignored_by(kind, k) is None else ignored_by(kind, k) for k, v in combo.items()}
         name = sweeps.trial_name(combo)
-        sets = [*overrides, *(f"{k}={v}" for k, v in combo.items())]
+        fixed = overrides if kind is None else [o for o in overrides if ignored_by(kind, o.split("=", 1)[0]) is None]
+        sets = [*fixed, *(f"{k}={v}" for k, v in combo.items())]
         try:
             cfg = load_config(config, sets)
         except ConfigError as exc:
             raise ConfigError(f"trial {name}: {exc}") from None
-        if cfg.objective.kind == "ce":  # N' does not change CE: one run stands for all budgets
-            cfg = cfg.model_copy(update={"objective": cfg.objective.model_copy(update={"budget": 1})})
         digest = config_hash(cfg)
         if digest in seen:
-            print(f"sweep: {name} trains the same configuration as {seen[digest]}: run once", flush=True)
+            print(f"sweep: {asked} trains the same configuration as {seen[digest]}: run once", flush=True)
             continue
         seen[digest] = name
         trials.append({"name": name, "overrides": sets})

@@ -22,10 +22,25 @@ def _lr_lambda(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
+def skip_shared_memory_all_reduce() -> None:
+    """Keep DeepSpeed from JIT-building its CPU shared-memory all-reduce op at start-up.
+
+    That op serves only DeepSpeed's inference all-reduce, never training; building it takes a file
+    lock under TORCH_EXTENSIONS_DIR that waits without end, so a worker killed while holding it
+    (a fault, a preemption, Ctrl-C during the first minute-long build) left every later trainer
+    start on the machine waiting forever. Not built, nothing waits, and a first start is ~1 min faster.
+    """
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False  # DeepSpeed's own probe cache
+
+
 class DeepSpeedEngine:
     def __init__(self, model, cfg: RunConfig, micro_batches: int, device: torch.device) -> None:
         import deepspeed
 
+        skip_shared_memory_all_reduce()
         o = cfg.optim
         # a torch optimizer (not DeepSpeed's own) avoids building DeepSpeed's CPU Adam op on CPU;
         # on CUDA the fused kernel is what DeepSpeed's FusedAdam would run

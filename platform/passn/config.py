@@ -113,6 +113,24 @@ class TaskConfig(_Strict):
 
 ObjectiveKind = Literal["ce", "dco", "dco_step", "dcoa", "dr_grpo"]
 
+# The objective's fields that mean something only for some kinds (the others apply to every kind).
+# One flat section with this table, rather than a class per kind: a field set to anything but its
+# default for a kind it does not apply to is an error that names the kinds it applies to.
+OBJECTIVE_FIELD_KINDS: dict[str, tuple[str, ...]] = {
+    "budget": ("dco", "dco_step", "dcoa"),
+    "refill_threshold": ("dco", "dco_step", "dcoa"),
+    "whole_proof": ("dco_step",),
+    "mc_samples": ("dcoa",),
+    "ce_warmup_steps": ("dcoa", "dr_grpo"),
+    "group_size": ("dr_grpo",),
+    "staleness": ("dcoa", "dr_grpo"),
+}
+
+
+def objective_field_applies(field: str, kind: str) -> bool:
+    """Whether ``objective.<field>`` changes what ``objective.kind = kind`` trains."""
+    return kind in OBJECTIVE_FIELD_KINDS.get(field, (kind,))
+
 
 class ObjectiveConfig(_Strict):
     """The training objective (docs/MATH.md). ``budget`` is N' (N_eff for dco_step)."""
@@ -145,8 +163,13 @@ class ObjectiveConfig(_Strict):
                 f"objective.refill_threshold ({self.refill_threshold}) must be in [0, 1): it is compared "
                 "with the coverage weight F, which is at most 1"
             )
-        if self.whole_proof and self.kind != "dco_step":
-            raise ValueError("objective.whole_proof applies only to objective.kind = 'dco_step'")
+        for name in sorted(self.model_fields_set):
+            if objective_field_applies(name, self.kind):
+                continue
+            if getattr(self, name) != type(self).model_fields[name].default:
+                kinds = ", ".join(f"'{k}'" for k in OBJECTIVE_FIELD_KINDS[name])
+                raise ValueError(f"objective.{name} does not apply to objective.kind = '{self.kind}' (it applies to "
+                                 f"{kinds}): remove it")
         return self
 
 

@@ -118,3 +118,33 @@ def test_removed_fields_say_what_replaces_them(field, hint):
     with pytest.raises(ConfigError, match="no longer a configuration field") as err:
         load_config(None, [field])
     assert hint in str(err.value)
+
+
+@pytest.mark.parametrize(("sets", "expected"), [
+    (["objective.budget=64"], "objective.budget does not apply to objective.kind = 'ce' (it applies to 'dco', "
+                              "'dco_step', 'dcoa')"),
+    (["objective.kind=dco", "objective.mc_samples=8"], "objective.mc_samples does not apply to objective.kind = 'dco'"),
+    (["objective.kind=dco", "objective.whole_proof=true"], "objective.whole_proof does not apply"),
+    (["objective.kind=dr_grpo", "objective.budget=4"], "objective.budget does not apply to objective.kind = 'dr_grpo'"),
+    (["objective.kind=dco", "objective.group_size=4"], "objective.group_size does not apply"),
+    (["objective.kind=ce", "objective.staleness=1"], "objective.staleness does not apply"),
+])
+def test_objective_fields_that_mean_nothing_for_the_kind_cannot_be_set(sets, expected):
+    with pytest.raises(ConfigError, match="remove it") as err:
+        load_config(None, sets)
+    assert expected in str(err.value)
+
+
+def test_objective_fields_apply_to_their_kinds_and_defaults_stay_harmless(tmp_path):
+    from passn.config import to_yaml
+
+    for kind, sets in [("dco", ["objective.budget=16", "objective.refill_threshold=0.1"]),
+                       ("dcoa", ["task.variant=cot", "objective.mc_samples=8", "objective.staleness=1",
+                                 "objective.budget=4"]),
+                       ("dr_grpo", ["task.variant=cot", "objective.group_size=4", "objective.ce_warmup_steps=2"])]:
+        cfg = load_config(None, [f"objective.kind={kind}", *sets])
+        # a written config.yaml (every field, defaults included) loads again: what a resume reads
+        path = tmp_path / f"{kind}.yaml"
+        path.write_text(to_yaml(cfg))
+        assert load_config(str(path), []) == cfg
+    assert load_config(None, ["objective.kind=ce", "objective.budget=1"]).objective.budget == 1  # the default

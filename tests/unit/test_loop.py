@@ -75,3 +75,40 @@ def test_a_resume_in_one_process_is_bitwise(ce_rows, tmp_path_factory):
                                if json.loads(line)["step"] <= 8))
     rows = run(part, "storage.keep_checkpoints=10")
     assert [r["loss"] for r in rows] == [r["loss"] for r in ce_rows]  # bitwise
+
+
+def test_deepspeed_starts_beside_a_lock_a_killed_build_left(tmp_path):
+    """A worker killed while building a torch extension leaves its lock file, on which every later
+    build waits without end; DeepSpeed's start-up builds its CPU shared-memory all-reduce op that
+    way unless passn skips it (it serves only DeepSpeed's inference), so a trainer started beside
+    such a lock must train, not wait."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free_port = s.getsockname()[1]
+    extensions = tmp_path / "extensions"
+    (extensions / "deepspeed_shm_comm").mkdir(parents=True)
+    (extensions / "deepspeed_shm_comm" / "lock").touch()  # as a killed build leaves it
+    script = (
+        "import sys, torch\n"
+        "from passn.collective import OneProcess\nfrom passn.config import load_config\n"
+        "from trainer.loop import train\n"
+        f"cfg = load_config({TINY!r}, [*{SHORT!r}, 'resources.backend=deepspeed', 'optim.epochs=1',\n"
+        "                  'task.synthetic.num_train=64', 'storage.checkpoint_every_steps=100'])\n"
+        "torch.set_num_threads(1)\n"
+        "train(cfg, sys.argv[1], OneProcess(), torch.device('cpu'))\n")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions), "RANK": "0", "LOCAL_RANK": "0",
+           "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port)}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "platform"), str(ROOT), env.get("PYTHONPATH", "")])
+    run_dir = tmp_path / "run"
+    try:
+        out = subprocess.run([sys.executable, "-c", script, str(run_dir)], env=env, cwd=ROOT, capture_output=True,
+                             text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail("DeepSpeed's start-up waited on the stale extension lock")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(read_metrics(str(run_dir))) == 2  # 64 problems, 32 sequences a step

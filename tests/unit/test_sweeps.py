@@ -75,3 +75,15 @@ def test_recommend_picks_the_nearest_budget_on_a_log_scale():
     front = [{"N": 1, "train_budget": 1}, {"N": 16, "train_budget": 16}, {"N": 256, "train_budget": 256}]
     assert [sweeps.recommend(front, n)["train_budget"] for n in (1, 3, 5, 16, 60, 70, 1000)] == \
         [1, 1, 16, 16, 16, 256, 256]
+
+
+def test_a_sweep_over_objectives_gives_each_only_the_fields_it_reads(capsys):
+    from jobs.sweep import plan
+
+    spec = plan(str(ROOT / "configs" / "tiny.yaml"), ["objective.kind=ce,dco,dr_grpo", "objective.budget=1,4"],
+                ["task.variant=cot", "objective.ce_warmup_steps=0"])
+    trials = {t["name"]: t["overrides"] for t in spec["trials"]}
+    assert list(trials) == ["kind=ce_budget=1", "kind=dco_budget=1", "kind=dco_budget=4", "kind=dr_grpo_budget=1"]
+    assert "objective.ce_warmup_steps=0" in trials["kind=dr_grpo_budget=1"]
+    assert "objective.ce_warmup_steps=0" not in trials["kind=ce_budget=1"]  # CE has no warm-up: left out
+    assert "kind=ce_budget=4 trains the same configuration as kind=ce_budget=1" in capsys.readouterr().out
