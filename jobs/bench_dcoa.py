@@ -42,7 +42,7 @@ def _run(staleness: int, args: argparse.Namespace) -> dict[str, float]:
     import torch
 
     if torch.cuda.is_available():  # the trainer and its sampler share the GPU (DeepSpeed would take it anyway)
-        overrides += ["resources.gpus_per_worker=0.5", "resources.sampler_gpu_fraction=0.4"]
+        overrides += ["resources.gpus_per_worker=0.5", "resources.sampler_gpu_fraction=0.4", "model.dtype=bfloat16"]
     rows = run_training(load_config(CONFIG, overrides), tempfile.mkdtemp(prefix=f"passn-bench-dcoa-{staleness}-"))
     timed = rows[2:]
     if not timed:

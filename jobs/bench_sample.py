@@ -7,7 +7,10 @@
 - ``--device cuda``: the transformers engine (``passn.generation``: prompts prefilled once, all
   rows in one batch, finished rows dropped) against plain ``model.generate`` on a ~1B Llama-shaped
   model with random weights: per prompt with ``num_return_sequences`` (what most scripts do), and
-  all prompts in one padded batch.
+  all prompts in one padded batch; and, with vLLM installed, the SamplerPool's CUDA vLLM engine
+  against vLLM's own offline ``LLM.generate`` on the same prompts (the pool's overhead), then the
+  time to push the model's weights into the pool's running engine in memory (CUDA IPC) against
+  through a folder. ``--no-vllm`` skips the vLLM rows.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import time
 from typing import Any
 
 from jobs.bench_output import write_result
+
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -123,7 +127,101 @@ def _cpu_generate_per_prompt(folder: str, requests: list[str], samples: int, max
     return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
 
 
-def bench_cuda(prompts: int, samples: int, max_new_tokens: int, prompt_tokens: int) -> dict[str, Any]:
+def numbered_tokenizer(vocab_size: int):
+    """A word-level tokenizer whose token i is the word ``t{i}``: text prompts that tokenize to
+    exactly the ids the other engines are given, and any sampled id decodes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="t0", bos_token="t1", eos_token="t2",
+                                   unk_token="t0")
+
+
+def _offline_vllm(folder: str, prompt_ids: list[list[int]], samples: int, max_new_tokens: int, max_model_len: int,
+                  kv_cache_bytes: int) -> dict[str, Any]:
+    """vLLM's own offline ``LLM.generate`` on the workload (its defaults: CUDA graphs, chunked prefill)."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=folder, dtype="bfloat16", max_model_len=max_model_len, kv_cache_memory_bytes=kv_cache_bytes,
+              seed=0)
+    params = SamplingParams(n=samples, temperature=1.0, max_tokens=max_new_tokens, seed=0, logprobs=0)
+    requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
+    llm.generate(requests, params, use_tqdm=False)  # warm-up: the same workload once
+    start = time.perf_counter()
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    config = llm.llm_engine.vllm_config
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+            "max_num_seqs": config.scheduler_config.max_num_seqs,
+            "chunked_prefill": bool(config.scheduler_config.enable_chunked_prefill),
+            "cuda_graph_sizes": len(config.compilation_config.cudagraph_capture_sizes or [])}
+
+
+def bench_cuda_vllm(model, tokenizer, prompt_ids: list[list[int]], samples: int, max_new_tokens: int,
+                    repeats: int = 3) -> dict[str, Any]:
+    """The SamplerPool's CUDA vLLM engine against offline ``LLM.generate`` on the same workload,
+    then the weight push into the pool's running engine: in memory (CUDA IPC) against a folder."""
+    import ray
+    import torch
+
+    from actors.sampler import SamplerPool
+    from passn.models import write_model_folder
+    from passn.weight_push import SharedWeights
+
+    out: dict[str, Any] = {}
+    root = tempfile.mkdtemp(prefix="passn-bench-vllm-")
+    folder = f"{root}/model"
+    write_model_folder(model, tokenizer, folder)
+    max_len = len(prompt_ids[0]) + max_new_tokens + 8
+    kv = 16 << 30
+    ray.init(include_dashboard=False, num_gpus=1, num_cpus=max(2, os.cpu_count() or 2))
+    try:
+        offline = ray.remote(num_gpus=1, num_cpus=1)(_offline_vllm)
+        out["vllm_offline"] = ray.get(offline.remote(folder, prompt_ids, samples, max_new_tokens, max_len, kv))
+        print(f"  {'vllm_offline':<20} {out['vllm_offline']['tokens_per_s']:>10,.0f} tokens/s", flush=True)
+        pool = SamplerPool(folder, num_actors=1, backend="vllm", max_model_len=max_len, kv_cache_bytes=kv,
+                           dtype="bfloat16", gpus_per_actor=1.0, prompts_per_unit=len(prompt_ids),
+                           max_samples_per_request=samples, start_timeout_s=900)
+        texts = [" ".join(f"t{i}" for i in ids) for ids in prompt_ids]
+        pool.generate(texts, samples, 1.0, max_new_tokens, seed=0)  # warm-up
+        start = time.perf_counter()
+        completions, _ = pool.generate(texts, samples, 1.0, max_new_tokens, seed=0)
+        seconds = time.perf_counter() - start
+        tokens = sum(c.num_tokens for c in completions)
+        out["vllm_pool"] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
+        print(f"  {'vllm_pool':<20} {tokens / seconds:>10,.0f} tokens/s", flush=True)
+        # weight pushes into the running engine, the model held on the GPU by this process
+        memory, disk = [], []
+        for version in range(1, repeats + 1):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            shared = SharedWeights.of(model, torch.bfloat16)
+            pool.load_weights(shared, version=2 * version)
+            memory.append(time.perf_counter() - start)
+            del shared
+            torch.cuda.ipc_collect()
+            start = time.perf_counter()
+            write_model_folder(model, tokenizer, f"{root}/v{version}")
+            pool.load_weights(f"{root}/v{version}", version=2 * version + 1)
+            disk.append(time.perf_counter() - start)
+        out["push"] = {"memory_s": sorted(memory)[len(memory) // 2], "folder_s": sorted(disk)[len(disk) // 2],
+                       "memory_all_s": memory, "folder_all_s": disk,
+                       "bytes": sum(p.numel() * 2 for p in model.parameters())}
+        pool.shutdown()
+    finally:
+        ray.shutdown()
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def bench_cuda(prompts: int, samples: int, max_new_tokens: int, prompt_tokens: int, vllm: bool = True) -> dict[str, Any]:
     import torch
     from transformers import LlamaForCausalLM
 
@@ -136,6 +234,7 @@ def bench_cuda(prompts: int, samples: int, max_new_tokens: int, prompt_tokens: i
     model.generation_config.pad_token_id = 0
     g = torch.Generator().manual_seed(0)
     ids = [torch.randint(3, 32000, (prompt_tokens,), generator=g).tolist() for _ in range(prompts)]
+    vllm_rows = bench_cuda_vllm(model, numbered_tokenizer(32000), ids, samples, max_new_tokens) if vllm else {}
 
     def timed(fn):
         torch.cuda.synchronize()
@@ -180,6 +279,14 @@ def bench_cuda(prompts: int, samples: int, max_new_tokens: int, prompt_tokens: i
         print(f"  {name:<20} {tokens / seconds:>10,.0f} tokens/s", flush=True)
     for base in ("generate_per_prompt", "generate_batched"):
         result[f"ratio_over_{base}"] = result["passn_transformers"]["tokens_per_s"] / result[base]["tokens_per_s"]
+    result.update(vllm_rows)
+    if vllm_rows:
+        pool = result["vllm_pool"]["tokens_per_s"]
+        result["ratio_pool_over_offline_vllm"] = pool / result["vllm_offline"]["tokens_per_s"]
+        result["ratio_pool_over_transformers"] = pool / result["passn_transformers"]["tokens_per_s"]
+        # a decode step reads every weight once: the card's bandwidth bounds the steps per second
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        result["decode_steps_per_s_bound"] = 4.8e12 / weights
     return result
 
 
@@ -205,7 +312,7 @@ def _command(args: argparse.Namespace) -> int:
         print(f"  5x the transformers engine needs {needed / 1e9:.0f} GFLOP/s in matmuls: {needed / peak:.1f}x"
               f" one core's {r['dtype']} matmul peak")
     else:
-        r = bench_cuda(args.prompts, args.samples, args.max_new_tokens, args.prompt_tokens)
+        r = bench_cuda(args.prompts, args.samples, args.max_new_tokens, args.prompt_tokens, vllm=not args.no_vllm)
         print(f"{r['model']} on {r['device']}: {r['prompts']} prompts x {r['samples_per_prompt']} samples,"
               f" {r['max_new_tokens']} new tokens, {r['prompt_tokens']}-token prompts")
         for name in ("passn_transformers", "generate_per_prompt", "generate_batched"):
@@ -214,6 +321,22 @@ def _command(args: argparse.Namespace) -> int:
         ratio = r["ratio_over_generate_per_prompt"]
         print(f"  passn / generate per prompt: {ratio:.1f}x (target >= 2x: {'met' if ratio >= 2 else 'MISSED'});"
               f" passn / generate batched: {r['ratio_over_generate_batched']:.2f}x")
+        if "vllm_pool" in r:
+            off, ratio_t = r["ratio_pool_over_offline_vllm"], r["ratio_pool_over_transformers"]
+            o = r["vllm_offline"]
+            print(f"  vLLM pool / offline LLM.generate: {off:.2f}x (target >= 0.9x: {'met' if off >= 0.9 else 'MISSED'})"
+                  f" | vLLM pool / transformers engine: {ratio_t:.2f}x (target >= 2x: "
+                  f"{'met' if ratio_t >= 2 else 'MISSED'})")
+            print(f"  offline vLLM settings: max_num_seqs {o['max_num_seqs']}, chunked prefill {o['chunked_prefill']},"
+                  f" {o['cuda_graph_sizes']} CUDA graph sizes")
+            push = r["push"]
+            print(f"  weight push, {push['bytes'] / 2**30:.2f} GiB bf16: in memory {push['memory_s']:.3f} s, "
+                  f"folder {push['folder_s']:.3f} s ({push['folder_s'] / push['memory_s']:.1f}x); target <= 0.1 s: "
+                  f"{'met' if push['memory_s'] <= 0.1 else 'MISSED'}")
+            rows = r["prompts"] * r["samples_per_prompt"]
+            bound = r["decode_steps_per_s_bound"] * rows  # every row decodes a token per step, weights read once
+            print(f"  card limit (weight bytes / 4.8 TB/s per decode step, {rows} rows): {bound:,.0f} tokens/s;"
+                  f" offline vLLM reaches {o['tokens_per_s'] / bound:.0%} of it")
     write_result(args.out, r)
     return 0
 
@@ -233,6 +356,7 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="cpu: the tiny model's saved dtype, which both engines load")
     p.add_argument("--prompt-tokens", type=int, default=128, help="cuda: tokens per prompt")
+    p.add_argument("--no-vllm", action="store_true", help="cuda: skip the vLLM rows (where vLLM is not installed)")
     p.add_argument("--out", help="also write the figures as JSON here")
     p.set_defaults(run=_with_defaults)
 

@@ -85,13 +85,16 @@ class Source:
     samplers: int = 1
     backend: str = "vllm"
     concurrency: int = 8
+    gpus_per_sampler: float | None = None  # None: the cluster's GPUs split among the samplers
 
     def describe(self) -> dict[str, Any]:
         return {"checkpoint": self.checkpoint} if self.checkpoint else {"endpoint": self.endpoint, "model": self.model}
 
     def provenance(self, checkpoint: str | None, manifest: dict[str, Any] | None) -> dict[str, Any]:
         """How the evaluated weights were trained (the checkpoint's manifest) and how they were sampled."""
-        out: dict[str, Any] = {"sampler": f"{self.backend} SamplerPool x {self.samplers}"} if self.checkpoint else \
+        out: dict[str, Any] = {"sampler": f"{self.backend} SamplerPool x {self.samplers}"
+                                          f"{'' if not self.gpus_per_sampler else f' ({self.gpus_per_sampler:g} GPU each)'}"} \
+            if self.checkpoint else \
             {"sampler": f"endpoint {self.endpoint}", "run": self.model, "checkpoint": self.model}
         if checkpoint is not None and manifest is not None:
             out.update(results.provenance_of_manifest(manifest, checkpoint))
@@ -184,7 +187,7 @@ def make_sampler(source: Source, cfg: RunConfig):
 
         return EndpointSampler(source.endpoint, source.model or "", api_key=source.api_key,
                                concurrency=source.concurrency)
-    from actors.sampler import SamplerPool
+    from actors.sampler import SamplerPool, gpus_per_actor_here
 
     from passn.models import folder_limits
 
@@ -195,8 +198,9 @@ def make_sampler(source: Source, cfg: RunConfig):
         from passn.models import fetch_model_folder
 
         local = fetch_model_folder(model_dir)
+    gpus = gpus_per_actor_here(source.samplers) if source.gpus_per_sampler is None else source.gpus_per_sampler
     return SamplerPool(local, num_actors=source.samplers, backend=source.backend, max_model_len=max_len,
-                       dtype=dtype, seed=cfg.sampling.seed)
+                       dtype=dtype, seed=cfg.sampling.seed, gpus_per_actor=gpus, start_timeout_s=900)
 
 
 def _write_plots(summary: dict[str, Any], out: str) -> None:
@@ -231,6 +235,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samplers", type=int, default=1, help="with --checkpoint: sampler actors")
     p.add_argument("--backend", choices=["vllm", "transformers"], default="vllm",
                    help="with --checkpoint: sampling engine (transformers where vLLM cannot run)")
+    p.add_argument("--gpus-per-sampler", type=float, default=None,
+                   help="with --checkpoint: GPU share of each sampler actor (default: the cluster's GPUs split "
+                        "among the samplers, at most 1 each; 0 on a cluster without GPUs)")
     p.set_defaults(run=main_with_args)
 
 
@@ -250,7 +257,7 @@ def main_with_args(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.set)
         samples = args.samples or cfg.evaluation.samples_per_problem
         source = Source(checkpoint=args.checkpoint, endpoint=args.endpoint, model=args.model, samplers=args.samplers,
-                        backend=args.backend, concurrency=args.concurrency,
+                        backend=args.backend, concurrency=args.concurrency, gpus_per_sampler=args.gpus_per_sampler,
                         api_key=_api_key(args) if args.endpoint else None)
         summary = run_evaluation(source, cfg, samples, args.out, limit=args.limit)
     except (ConfigError, DataError, ckpt.CheckpointError, FileNotFoundError, ValueError) as exc:

@@ -232,7 +232,7 @@ def run_model(label: str, checkpoint: str, passes: int, theorems: Sequence[Theor
     results/LABEL.jsonl as theorems finish (theorems already there are not searched again)."""
     from tqdm import tqdm
 
-    from actors.sampler import SamplerPool
+    from actors.sampler import SamplerPool, gpus_per_actor_here
     from passn.models import folder_limits
 
     path = out / RESULTS_DIR / f"{label}.jsonl"
@@ -246,7 +246,7 @@ def run_model(label: str, checkpoint: str, passes: int, theorems: Sequence[Theor
     model_dir = _model_dir(checkpoint)
     max_len, dtype = folder_limits(model_dir)
     pool = SamplerPool(model_dir, num_actors=opts.samplers, backend=opts.backend, max_model_len=max_len, dtype=dtype,
-                       seed=opts.seed)
+                       seed=opts.seed, gpus_per_actor=gpus_per_actor_here(opts.samplers), start_timeout_s=900)
     bar = tqdm(total=len(theorems), initial=len(done), desc=f"{label} theorems", unit="thm", file=sys.stdout)
     proved = sum(r.get("successes", 0) > 0 for r in rows)
 

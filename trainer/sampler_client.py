@@ -2,10 +2,11 @@
 
 Each training worker owns a :class:`actors.sampler.SamplerPool` on its own node (and, on GPU
 clusters, a fraction of its own GPU), created when it first needs samples and torn down with the
-worker (Ray kills actors with their owner). Before the pool samples for trainer version v, the
-worker writes its current weights to a local folder and pushes them (``load_weights``, bounded by
-``resources.sampler_sync_timeout_s``); every request carries the version it must see, so a pool
-that missed a sync refuses work instead of sampling a stale policy.
+worker (Ray kills actors with their owner). The pool starts from a folder of the worker's weights;
+before it samples for trainer version v, the worker pushes its current weights in memory
+(``passn.weight_push``: CUDA IPC on a GPU; under ZeRO-3, or with ``resources.sampler_weight_push:
+folder``, a local folder), bounded by ``resources.sampler_sync_timeout_s``; every request carries
+the version it must see, so a pool that missed a sync refuses work instead of sampling a stale policy.
 
 The candidates of a step are split over the workers; each samples its share with its own pool,
 and the results are all-gathered, so every worker holds the same Monte Carlo cache and takes the
@@ -37,6 +38,7 @@ from passn.config import RunConfig
 from passn.data import Example
 from passn.online import Estimate, MonteCarloCache, Rollout
 from passn.sampling import group_by_prompt
+from passn.weight_push import SharedWeights
 from trainer.engines import export_weights
 
 # one draw: example index -> [(completion token ids, verified correct)]
@@ -61,48 +63,74 @@ class OnlineSampler:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="passn-prefetch")
         self.pending: tuple[Future, int] | None = None  # a background draw and its policy version
         self.origin: Path | None = None  # the folder the pool was created from: a restarted actor loads it
+        r = cfg.resources
+        zero3 = r.backend == "deepspeed" and r.zero_stage == 3
+        self.in_memory = r.sampler_weight_push == "memory" or (r.sampler_weight_push == "auto" and not zero3)
+        self.shared: SharedWeights | None = None  # the last weights pushed in memory
         self.syncs = 0
         self.metrics: dict[str, float] = {}
 
     # -- the pool and its weights ------------------------------------------------------------------
     def _ensure(self, trainer_version: int) -> None:
-        """The pool holds the trainer's current weights (version ``trainer_version``)."""
+        """The pool holds the trainer's current weights (version ``trainer_version``): it starts
+        from a folder, then takes each new version in memory (or, under ZeRO-3 or when asked, as a folder)."""
         if self.pool is not None and self.pool.version == trainer_version:
             return
         started = time.perf_counter()
-        target = self.folder / f"v{trainer_version}"
-        export_weights(self.engine, self.tokenizer, self.cfg, str(target))
         r = self.cfg.resources
         if self.pool is None:
-            import ray
-            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-            from actors.sampler import SamplerPool
-            from actors.verifier import VerifierPool
-            from passn.tasks import MathTask
-
-            if isinstance(self.task, MathTask):  # math-verify on Ray actors, bounded, one cache per worker
-                self.verifier = VerifierPool(mode=self.cfg.task.answer_check)
-
-            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-            self.pool = SamplerPool(
-                str(target), num_actors=r.sampler_actors, backend=r.sampler_backend, max_model_len=self.max_model_len,
-                kv_cache_bytes=r.sampler_kv_cache_mb << 20, dtype=self.cfg.model.dtype,
-                seed=self.cfg.sampling.seed + self.rank, cpus_per_actor=r.sampler_cpus,
-                gpus_per_actor=r.sampler_gpu_fraction, version=trainer_version, scheduling_strategy=here,
-                sleep_when_idle=r.sampler_gpu_fraction > 0, unit_timeout_s=r.sampler_unit_timeout_s,
-                start_timeout_s=r.sampler_sync_timeout_s)
-            self.origin = target
+            self._start_pool(trainer_version)
+        elif self.in_memory:
+            shared = SharedWeights.of(self.engine.module, self._engine_dtype())
+            self.pool.load_weights(shared, trainer_version, timeout_s=r.sampler_sync_timeout_s)
+            self.shared = shared  # kept until the next push: a restarted actor loads it
+            if shared.cuda:
+                torch.cuda.ipc_collect()  # the previous push's copies, released by the engines
+            self._add("push_mb", shared.nbytes / 2**20)
         else:
-            previous = Path(self.pool.model_dir)
+            target = self.folder / f"v{trainer_version}"
+            export_weights(self.engine, self.tokenizer, self.cfg, str(target))
+            previous = self.pool.source
             self.pool.load_weights(str(target), trainer_version, timeout_s=r.sampler_sync_timeout_s)
-            if previous != self.origin:  # a restarted actor starts from the origin, then the pool resyncs it
+            if isinstance(previous, str) and Path(previous) != self.origin:  # a restarted actor starts from the origin
                 shutil.rmtree(previous, ignore_errors=True)
         self.syncs += 1
         self._add("sync_s", time.perf_counter() - started)
         self._add("syncs", 1)
         if r.sampler_check_every and self.syncs % r.sampler_check_every == 0:
             self.metrics["sync_logp_gap"] = max(self.metrics.get("sync_logp_gap", 0.0), self._sync_gap())
+
+    def _engine_dtype(self) -> torch.dtype:
+        """The sampler engines' dtype: model.dtype, or (auto) the dtype of the folder they started from."""
+        named = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+        return named.get(self.cfg.model.dtype) or next(self.engine.module.parameters()).dtype
+
+    def _start_pool(self, trainer_version: int) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from actors.sampler import SamplerPool
+        from actors.verifier import VerifierPool
+        from passn.tasks import MathTask
+
+        target = self.folder / f"v{trainer_version}"
+        export_weights(self.engine, self.tokenizer, self.cfg, str(target))
+        if isinstance(self.task, MathTask):  # math-verify on Ray actors, bounded, one cache per worker
+            self.verifier = VerifierPool(mode=self.cfg.task.answer_check)
+        r = self.cfg.resources
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.pool = SamplerPool(
+            str(target), num_actors=r.sampler_actors, backend=r.sampler_backend, max_model_len=self.max_model_len,
+            kv_cache_bytes=r.sampler_kv_cache_mb << 20, dtype=self.cfg.model.dtype,
+            seed=self.cfg.sampling.seed + self.rank, cpus_per_actor=r.sampler_cpus,
+            gpus_per_actor=r.sampler_gpu_fraction, version=trainer_version, scheduling_strategy=here,
+            # the transformers engine frees its KV cache after a draw; vLLM keeps a fixed, explicit one
+            # (sampler_kv_cache_mb): its sleep mode checks device-wide free memory, which the trainer
+            # sharing the GPU changes meanwhile (docs/ONLINE.md)
+            sleep_when_idle=r.sampler_gpu_fraction > 0 and r.sampler_backend == "transformers",
+            unit_timeout_s=r.sampler_unit_timeout_s,
+            start_timeout_s=r.sampler_sync_timeout_s)
+        self.origin = target
 
     def _sync_gap(self) -> float:
         """|log p| of the pool's greedy completion of a fixed prompt, pool against trainer."""

@@ -239,6 +239,10 @@ class ResourcesConfig(_Strict):
     # every K-th sync, the pool's greedy log-prob of a fixed prompt against the trainer's (logged as
     # sync_logp_gap); 0: never
     sampler_check_every: Annotated[int, Field(ge=0)] = 0
+    # how the trainer's weights reach its sampler engines after a step: in memory (CUDA IPC on a
+    # GPU, Ray's object store on the CPU) or through a model folder; auto: memory, except under
+    # ZeRO-3 (whose sharded parameters are gathered into a folder)
+    sampler_weight_push: Literal["auto", "memory", "folder"] = "auto"
     backend: Literal["deepspeed", "ddp"] = "deepspeed"
     zero_stage: Literal[0, 1, 2, 3] = 2
     max_failures: Annotated[int, Field(ge=0)] = 1
@@ -282,6 +286,9 @@ class RunConfig(_Strict):
                 f"each worker trains optim.sequences_per_step / resources.num_workers = {per_worker} sequences a "
                 f"step, which optim.micro_sequences_per_worker ({micro}) must divide"
             )
+        if self.resources.sampler_weight_push == "memory" and self.resources.zero_stage == 3:
+            raise ValueError("resources.sampler_weight_push = 'memory' needs whole parameters on each worker: under "
+                             "resources.zero_stage = 3 set it to 'folder' (or 'auto')")
         if kind in ("dcoa", "dr_grpo") and self.resources.sampler_actors < 1:
             raise ValueError(f"objective.kind = '{kind}' samples from the policy while training: "
                              "resources.sampler_actors must be >= 1")
@@ -423,10 +430,24 @@ def load_config_text(text: str, overrides: Sequence[str] | dict[str, Any] = (), 
 
 
 def _with_overrides(tree: dict[str, Any], overrides: Sequence[str] | dict[str, Any], source: str) -> RunConfig:
+    tree = _for_overridden_kind(tree, overrides)
     tree = apply_overrides(tree, overrides)
     if overrides:
         source += " with overrides " + ", ".join(overrides if not isinstance(overrides, dict) else [f"{k}={v}" for k, v in overrides.items()])
     return build_config(tree, source)
+
+
+def _for_overridden_kind(tree: dict[str, Any], overrides: Sequence[str] | dict[str, Any]) -> dict[str, Any]:
+    """A file's objective fields that an override of ``objective.kind`` makes meaningless are
+    dropped (``configs/tiny-dcoa.yaml --set objective.kind=ce`` trains CE, without DCOa's N' or
+    k); such a field set by an override itself is still an error."""
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
+    kind = dict(items).get("objective.kind")
+    section = tree.get("objective")
+    if not isinstance(kind, str) or not isinstance(section, dict):
+        return tree
+    kept = {k: v for k, v in section.items() if k == "kind" or objective_field_applies(k, kind)}
+    return {**tree, "objective": kept}
 
 
 def config_hash(cfg: RunConfig) -> str:
@@ -439,7 +460,7 @@ def config_hash(cfg: RunConfig) -> str:
 OPERATIONAL_FIELDS = (
     "storage.checkpoint_every_steps", "storage.checkpoint_every_epochs", "storage.keep_checkpoints",
     "resources.max_failures", "resources.sampler_sync_timeout_s", "resources.sampler_unit_timeout_s",
-    "resources.sampler_check_every", "evaluation.samples_per_problem", "evaluation.k_grid", "evaluation.every_epochs",
+    "resources.sampler_check_every", "resources.sampler_weight_push", "evaluation.samples_per_problem", "evaluation.k_grid", "evaluation.every_epochs",
 )
 
 

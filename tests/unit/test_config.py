@@ -148,3 +148,11 @@ def test_objective_fields_apply_to_their_kinds_and_defaults_stay_harmless(tmp_pa
         path.write_text(to_yaml(cfg))
         assert load_config(str(path), []) == cfg
     assert load_config(None, ["objective.kind=ce", "objective.budget=1"]).objective.budget == 1  # the default
+
+
+def test_switching_the_kind_on_the_command_line_drops_the_files_fields_for_the_old_kind():
+    cfg = load_config(str(Path(__file__).parents[2] / "configs" / "tiny-dcoa.yaml"), ["objective.kind=ce"])
+    assert cfg.objective.kind == "ce" and cfg.objective.budget == 1 and cfg.objective.mc_samples == 64
+    with pytest.raises(ConfigError, match="objective.budget does not apply"):  # set by the override itself: an error
+        load_config(str(Path(__file__).parents[2] / "configs" / "tiny-dcoa.yaml"),
+                    ["objective.kind=ce", "objective.budget=8"])

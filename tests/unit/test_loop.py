@@ -32,8 +32,15 @@ def run(run_dir, *overrides):
 
 
 @pytest.fixture(scope="module")
-def ce_rows(tmp_path_factory):
-    return run(tmp_path_factory.mktemp("ce"), "storage.keep_checkpoints=10")
+def ce_run(tmp_path_factory):
+    """The CE run's directory and rows (the directory's name depends on what else the session made)."""
+    run_dir = tmp_path_factory.mktemp("ce")
+    return run_dir, run(run_dir, "storage.keep_checkpoints=10")
+
+
+@pytest.fixture(scope="module")
+def ce_rows(ce_run):
+    return ce_run[1]
 
 
 def test_one_process_ce_gives_the_ray_runs_golden_losses(ce_rows, golden):
@@ -62,8 +69,8 @@ def test_dco_with_budget_one_gives_the_ce_losses_exactly(ce_rows, tmp_path):
     assert [r["loss"] for r in rows] == [r["loss"] for r in ce_rows]  # F(1, p) = 1: CE bit for bit
 
 
-def test_a_resume_in_one_process_is_bitwise(ce_rows, tmp_path_factory):
-    full = tmp_path_factory.getbasetemp() / "ce0"
+def test_a_resume_in_one_process_is_bitwise(ce_run, tmp_path_factory):
+    full, ce_rows = ce_run
     part = tmp_path_factory.mktemp("resumed")
     # the full run's directory with everything after step 8 removed: as if it had died there
     shutil.copytree(full, part, dirs_exist_ok=True)
