@@ -118,12 +118,18 @@ def test_a_retry_waits_for_a_slow_restart_and_a_deadline_ends_it(ray_cluster, mo
         pool.shutdown()
 
 
-@pytest.mark.parametrize("backend", ["vllm", "transformers"])
-def test_load_weights_matches_a_fresh_engine(ray_cluster, models, backend):
+@pytest.mark.parametrize(("backend", "push"), [("vllm", "folder"), ("transformers", "folder"), ("vllm", "memory")])
+def test_load_weights_matches_a_fresh_engine(ray_cluster, models, backend, push):
+    import torch
+
+    from passn.weight_push import SharedWeights
+
     pool = SamplerPool(models[0][0], num_actors=1, backend=backend)
     try:
         before, _ = pool.generate(PROMPTS, 1, temperature=0.0, max_new_tokens=4)
-        pool.load_weights(models[1][0], version=1)
+        # in memory: the tensors themselves through Ray's object store (CUDA IPC handles on a GPU)
+        source = models[1][0] if push == "folder" else SharedWeights.of(models[1][1], torch.float32)
+        pool.load_weights(source, version=1)
         swapped, _ = pool.generate(PROMPTS, 1, temperature=0.0, max_new_tokens=4)
         assert all(c.policy_version == 1 for c in swapped)
     finally:

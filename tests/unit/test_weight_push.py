@@ -1,0 +1,28 @@
+"""passn.weight_push on the CPU: a snapshot (not the live parameters), tied weights once, and what
+crosses a process boundary (a pickle) holds the handles, never the trainer's own copies."""
+
+import pickle
+
+import torch
+
+from passn.config import TinyModelSpec
+from passn.models import build_tiny_model
+from passn.weight_push import SharedWeights
+
+
+def test_a_snapshot_in_the_engines_dtype_that_later_steps_do_not_change():
+    model, _ = build_tiny_model(TinyModelSpec(), seed=0)
+    shared = SharedWeights.of(model, torch.bfloat16)
+    names = [n for n, _ in model.named_parameters()]
+    assert shared.names == names and not shared.cuda
+    assert shared.nbytes == sum(p.numel() * 2 for p in model.parameters())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # the trainer steps on
+    received = pickle.loads(pickle.dumps(shared))  # as Ray sends it to a sampler actor
+    assert received.keep == [] and len(received.names) == len(names)
+    for (name, tensor), (_, live) in zip(received.tensors(), model.named_parameters()):
+        assert tensor.dtype == torch.bfloat16
+        # the weights as they were when pushed (bf16-rounded), one step behind the live ones
+        assert torch.allclose(tensor.float() + 1.0, live.detach().float(), atol=0.01), name
+    assert str(shared).endswith("in memory")
