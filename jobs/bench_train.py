@@ -144,7 +144,8 @@ def _deepspeed_steps(config: dict[str, Any], device, label: str) -> dict[str, An
     from trainer.loop import token_logp
 
     kinds = ["dco", "ce"] if config["objective"] == "alternate" else [config["objective"]]
-    cfgs = {kind: load_config(None, [f"objective.kind={kind}", "objective.budget=64", "model.path=unused",
+    cfgs = {kind: load_config(None, [f"objective.kind={kind}", *(["objective.budget=64"] if kind == "dco" else []),
+                                     "model.path=unused",
                                      "model.dtype=bfloat16", f"resources.zero_stage={config['zero']}",
                                      f"optim.sequences_per_step={config['sequences']}",
                                      f"optim.micro_sequences_per_worker={config['sequences']}", "optim.warmup_steps=0",
