@@ -40,7 +40,8 @@ class DeepSpeedEngine:
     def __init__(self, model, cfg: RunConfig, micro_batches: int, device: torch.device) -> None:
         import deepspeed
 
-        skip_shared_memory_all_reduce()
+        if device.type == "cpu":  # (DeepSpeed's CUDA accelerator has no such op)
+            skip_shared_memory_all_reduce()
         o = cfg.optim
         # a torch optimizer (not DeepSpeed's own) avoids building DeepSpeed's CPU Adam op on CPU;
         # on CUDA the fused kernel is what DeepSpeed's FusedAdam would run
