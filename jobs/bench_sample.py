@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from jobs.bench_output import write_result
+from passn.sampling import kv_bytes_per_token
 
 
 
@@ -128,16 +129,19 @@ def _cpu_generate_per_prompt(folder: str, requests: list[str], samples: int, max
 
 
 def numbered_tokenizer(vocab_size: int):
-    """A word-level tokenizer whose token i is the word ``t{i}``: text prompts that tokenize to
-    exactly the ids the other engines are given, and any sampled id decodes."""
+    """A word-level tokenizer whose token i >= 3 is the word ``t{i}`` (0-2: pad, bos, eos): text
+    prompts that tokenize to exactly the ids the other engines are given, and any sampled id
+    decodes. (Special tokens are matched inside words before splitting, so they must not be words
+    like ``t1``, a prefix of ``t17``.)"""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    core = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{f"t{i}": i for i in range(3, vocab_size)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="t0", bos_token="t1", eos_token="t2",
-                                   unk_token="t0")
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                   unk_token="<pad>")
 
 
 def _offline_vllm(folder: str, prompt_ids: list[list[int]], samples: int, max_new_tokens: int, max_model_len: int,
@@ -178,10 +182,12 @@ def bench_cuda_vllm(model, tokenizer, prompt_ids: list[list[int]], samples: int,
     folder = f"{root}/model"
     write_model_folder(model, tokenizer, folder)
     max_len = len(prompt_ids[0]) + max_new_tokens + 8
-    kv = 16 << 30
+    # room for every row at once (no preemption), a quarter more for block rounding
+    kv = int(1.25 * len(prompt_ids) * samples * max_len * kv_bytes_per_token(model.config, 2))
     ray.init(include_dashboard=False, num_gpus=1, num_cpus=max(2, os.cpu_count() or 2))
     try:
-        offline = ray.remote(num_gpus=1, num_cpus=1)(_offline_vllm)
+        # max_calls=1: the task's process exits with it, so its GPU memory is free for the pool's engine
+        offline = ray.remote(num_gpus=1, num_cpus=1, max_calls=1)(_offline_vllm)
         out["vllm_offline"] = ray.get(offline.remote(folder, prompt_ids, samples, max_new_tokens, max_len, kv))
         print(f"  {'vllm_offline':<20} {out['vllm_offline']['tokens_per_s']:>10,.0f} tokens/s", flush=True)
         pool = SamplerPool(folder, num_actors=1, backend="vllm", max_model_len=max_len, kv_cache_bytes=kv,
@@ -190,7 +196,9 @@ def bench_cuda_vllm(model, tokenizer, prompt_ids: list[list[int]], samples: int,
         texts = [" ".join(f"t{i}" for i in ids) for ids in prompt_ids]
         pool.generate(texts, samples, 1.0, max_new_tokens, seed=0)  # warm-up
         start = time.perf_counter()
-        completions, _ = pool.generate(texts, samples, 1.0, max_new_tokens, seed=0)
+        completions, skipped = pool.generate(texts, samples, 1.0, max_new_tokens, seed=0)
+        if skipped:  # the pool must run the very workload offline vLLM ran
+            raise RuntimeError(f"the pool skipped {len(skipped)} of {len(texts)} prompts: {skipped[0].reason}")
         seconds = time.perf_counter() - start
         tokens = sum(c.num_tokens for c in completions)
         out["vllm_pool"] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
@@ -284,9 +292,13 @@ def bench_cuda(prompts: int, samples: int, max_new_tokens: int, prompt_tokens: i
         pool = result["vllm_pool"]["tokens_per_s"]
         result["ratio_pool_over_offline_vllm"] = pool / result["vllm_offline"]["tokens_per_s"]
         result["ratio_pool_over_transformers"] = pool / result["passn_transformers"]["tokens_per_s"]
-        # a decode step reads every weight once: the card's bandwidth bounds the steps per second
+        # a decode step reads every weight once and the KV cache of every row (on average the
+        # prompt and half the new tokens): the card's bandwidth bounds the steps per second
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        result["decode_steps_per_s_bound"] = 4.8e12 / weights
+        rows = prompts * samples
+        kv = rows * (prompt_tokens + max_new_tokens / 2) * kv_bytes_per_token(model.config, 2)
+        result["decode_step_bytes"] = weights + kv
+        result["decode_tokens_per_s_bound"] = 4.8e12 / (weights + kv) * rows
     return result
 
 
@@ -333,10 +345,10 @@ def _command(args: argparse.Namespace) -> int:
             print(f"  weight push, {push['bytes'] / 2**30:.2f} GiB bf16: in memory {push['memory_s']:.3f} s, "
                   f"folder {push['folder_s']:.3f} s ({push['folder_s'] / push['memory_s']:.1f}x); target <= 0.1 s: "
                   f"{'met' if push['memory_s'] <= 0.1 else 'MISSED'}")
-            rows = r["prompts"] * r["samples_per_prompt"]
-            bound = r["decode_steps_per_s_bound"] * rows  # every row decodes a token per step, weights read once
-            print(f"  card limit (weight bytes / 4.8 TB/s per decode step, {rows} rows): {bound:,.0f} tokens/s;"
-                  f" offline vLLM reaches {o['tokens_per_s'] / bound:.0%} of it")
+            rows, bound = r["prompts"] * r["samples_per_prompt"], r["decode_tokens_per_s_bound"]
+            print(f"  card limit ({r['decode_step_bytes'] / 1e9:.1f} GB read per decode step of {rows} rows: weights + "
+                  f"KV cache, at 4.8 TB/s): {bound:,.0f} tokens/s; offline vLLM reaches {o['tokens_per_s'] / bound:.0%},"
+                  f" the pool {r['vllm_pool']['tokens_per_s'] / bound:.0%} of it")
     write_result(args.out, r)
     return 0
 

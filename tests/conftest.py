@@ -1,7 +1,15 @@
-"""Test tiers: tests marked `gpu` are skipped where torch sees no CUDA device (CI never has one)."""
+"""Test tiers (tests marked `gpu` are skipped where torch sees no CUDA device: CI never has one),
+golden losses, and servers a test starts as a user would (free ports, `passn serve`)."""
 
+import contextlib
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -69,3 +77,72 @@ def golden():
             assert got["loss"] == pytest.approx(expected["loss"], rel=rtol, abs=0), (name, got, expected, rtol)
 
     return check
+
+
+# ---------------------------------------------------------------------------------------------
+# Servers a test starts
+# ---------------------------------------------------------------------------------------------
+
+def free_tcp_ports(count: int) -> list[int]:
+    """``count`` distinct free TCP ports on 127.0.0.1 (all bound at once, so no two are the same)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="session")
+def free_ports():
+    """``free_ports(count)``: distinct free ports for servers a test starts."""
+    return free_tcp_ports
+
+
+@pytest.fixture(scope="session")
+def passn_serve():
+    """``with passn_serve(args, log_path, healthy_within_s) as (process, url)``: see running_serve."""
+    return running_serve
+
+
+@contextlib.contextmanager
+def running_serve(args: list[str], log_path: Path, healthy_within_s: float,
+                  env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``passn serve ARGS --port P`` as a user runs it, in its own process group: yields (process,
+    URL) once ``/health`` answers 200; a server that exits or stays unhealthy past the deadline
+    fails the test with its log. Afterwards SIGTERM (what a scheduler sends), then SIGKILL to the
+    group."""
+    import httpx
+
+    [port] = free_tcp_ports(1)
+    log = open(log_path, "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", *args, "--port", str(port)], cwd=ROOT,
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + healthy_within_s
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=10).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                pytest.fail(f"passn serve exited ({proc.returncode}):\n" + log_path.read_text()[-3000:])
+            if time.time() > deadline:
+                pytest.fail(f"passn serve not healthy after {healthy_within_s:.0f} s:\n" + log_path.read_text()[-3000:])
+            time.sleep(2)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError):  # whatever of its group is left
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()

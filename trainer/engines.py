@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +164,20 @@ class DDPEngine:
 def make_engine(model, cfg: RunConfig, micro_batches: int, device: torch.device) -> DeepSpeedEngine | DDPEngine:
     engine_cls = DeepSpeedEngine if cfg.resources.backend == "deepspeed" else DDPEngine
     return engine_cls(model, cfg, micro_batches, device)
+
+
+def named_weights(engine, cfg: RunConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's (name, parameter) pairs, whole. Under ZeRO-3 each is gathered alone and
+    partitioned again when the next is asked for, so the whole model is never gathered at once;
+    every worker must walk the stream to its end (each gather is a collective)."""
+    if not (cfg.resources.zero_stage == 3 and cfg.resources.backend == "deepspeed"):
+        yield from engine.module.named_parameters()
+        return
+    import deepspeed
+
+    for name, parameter in engine.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([parameter], modifier_rank=None):
+            yield name, parameter
 
 
 def export_weights(engine, tokenizer, cfg: RunConfig, folder: str, here: bool = True) -> None:

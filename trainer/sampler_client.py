@@ -37,9 +37,11 @@ from passn.collective import Collective
 from passn.config import RunConfig
 from passn.data import Example
 from passn.online import Estimate, MonteCarloCache, Rollout
-from passn.sampling import group_by_prompt
+from passn.sampling import engine_kv_cache_bytes, group_by_prompt, kv_bytes_per_token
 from passn.weight_push import SharedWeights
-from trainer.engines import export_weights
+from trainer.engines import export_weights, named_weights
+
+VLLM_MAX_NUM_SEQS = 1024  # vLLM 0.26's batch on a GPU with >= 70 GiB (256 on smaller ones)
 
 # one draw: example index -> [(completion token ids, verified correct)]
 Draw = dict[int, list[tuple[tuple[int, ...], bool]]]
@@ -63,9 +65,7 @@ class OnlineSampler:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="passn-prefetch")
         self.pending: tuple[Future, int] | None = None  # a background draw and its policy version
         self.origin: Path | None = None  # the folder the pool was created from: a restarted actor loads it
-        r = cfg.resources
-        zero3 = r.backend == "deepspeed" and r.zero_stage == 3
-        self.in_memory = r.sampler_weight_push == "memory" or (r.sampler_weight_push == "auto" and not zero3)
+        self.in_memory = cfg.resources.sampler_weight_push != "folder"
         self.shared: SharedWeights | None = None  # the last weights pushed in memory
         self.syncs = 0
         self.metrics: dict[str, float] = {}
@@ -73,7 +73,8 @@ class OnlineSampler:
     # -- the pool and its weights ------------------------------------------------------------------
     def _ensure(self, trainer_version: int) -> None:
         """The pool holds the trainer's current weights (version ``trainer_version``): it starts
-        from a folder, then takes each new version in memory (or, under ZeRO-3 or when asked, as a folder)."""
+        from a folder, then takes each new version in memory (ZeRO-3: gathered weight by weight), or
+        as a folder when asked."""
         if self.pool is not None and self.pool.version == trainer_version:
             return
         started = time.perf_counter()
@@ -81,7 +82,7 @@ class OnlineSampler:
         if self.pool is None:
             self._start_pool(trainer_version)
         elif self.in_memory:
-            shared = SharedWeights.of(self.engine.module, self._engine_dtype())
+            shared = SharedWeights.of(named_weights(self.engine, self.cfg), self._engine_dtype())
             self.pool.load_weights(shared, trainer_version, timeout_s=r.sampler_sync_timeout_s)
             self.shared = shared  # kept until the next push: a restarted actor loads it
             if shared.cuda:
@@ -119,18 +120,34 @@ class OnlineSampler:
             self.verifier = VerifierPool(mode=self.cfg.task.answer_check)
         r = self.cfg.resources
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        # on a GPU shared with this trainer a vLLM engine sleeps between draws (its KV cache freed,
+        # its weights in host memory) only when nothing runs beside the draw: vLLM's sleep asserts
+        # that the device's free memory did not shrink meanwhile, which a trainer stepping beside a
+        # background draw (staleness 1) would break (docs/ONLINE.md)
+        shared_gpu = r.sampler_gpu_fraction > 0 and torch.cuda.is_available()
         self.pool = SamplerPool(
             str(target), num_actors=r.sampler_actors, backend=r.sampler_backend, max_model_len=self.max_model_len,
-            kv_cache_bytes=r.sampler_kv_cache_mb << 20, dtype=self.cfg.model.dtype,
+            kv_cache_bytes=self._kv_cache_bytes(), dtype=self.cfg.model.dtype,
             seed=self.cfg.sampling.seed + self.rank, cpus_per_actor=r.sampler_cpus,
             gpus_per_actor=r.sampler_gpu_fraction, version=trainer_version, scheduling_strategy=here,
-            # the transformers engine frees its KV cache after a draw; vLLM keeps a fixed, explicit one
-            # (sampler_kv_cache_mb): its sleep mode checks device-wide free memory, which the trainer
-            # sharing the GPU changes meanwhile (docs/ONLINE.md)
-            sleep_when_idle=r.sampler_gpu_fraction > 0 and r.sampler_backend == "transformers",
+            sleep_when_idle=shared_gpu and (r.sampler_backend == "transformers" or self.staleness == 0),
             unit_timeout_s=r.sampler_unit_timeout_s,
             start_timeout_s=r.sampler_sync_timeout_s)
         self.origin = target
+
+    def _kv_cache_bytes(self) -> int:
+        """vLLM's KV cache per sampler actor: resources.sampler_kv_cache_mb, or (unset) 64 MiB on
+        the CPU and, on a GPU, room for the engine's whole batch within its share of the GPU."""
+        r = self.cfg.resources
+        if r.sampler_kv_cache_mb is not None:
+            return r.sampler_kv_cache_mb << 20
+        if not (r.sampler_gpu_fraction > 0 and torch.cuda.is_available()):
+            return 64 << 20
+        width = torch.empty((), dtype=self._engine_dtype()).element_size()
+        weights = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.engine.module.parameters())
+        return engine_kv_cache_bytes(kv_bytes_per_token(self.engine.module.config, width), self.max_model_len,
+                                     VLLM_MAX_NUM_SEQS, int(r.sampler_gpu_fraction * torch.cuda.mem_get_info()[1]),
+                                     weights * width)
 
     def _sync_gap(self) -> float:
         """|log p| of the pool's greedy completion of a fixed prompt, pool against trainer."""

@@ -233,15 +233,17 @@ class ResourcesConfig(_Strict):
     sampler_backend: Literal["vllm", "transformers"] = "vllm"
     sampler_cpus: Annotated[float, Field(ge=0)] = 0.5  # Ray CPUs per sampler actor
     sampler_gpu_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0  # of a GPU per sampler actor
-    sampler_kv_cache_mb: PositiveInt = 64  # vLLM's KV cache per actor (explicit: no memory probing)
+    # vLLM's KV cache per actor (explicit: no memory probing); unset: 64 MiB on the CPU, and on a
+    # GPU room for the engine's whole batch within sampler_gpu_fraction of it (after its weights)
+    sampler_kv_cache_mb: PositiveInt | None = None
     sampler_sync_timeout_s: Annotated[float, Field(gt=0)] = 300.0  # pool start-up, weight push; then an error
     sampler_unit_timeout_s: Annotated[float, Field(gt=0)] = 600.0  # one sampling unit; then restart and re-run
     # every K-th sync, the pool's greedy log-prob of a fixed prompt against the trainer's (logged as
     # sync_logp_gap); 0: never
     sampler_check_every: Annotated[int, Field(ge=0)] = 0
     # how the trainer's weights reach its sampler engines after a step: in memory (CUDA IPC on a
-    # GPU, Ray's object store on the CPU) or through a model folder; auto: memory, except under
-    # ZeRO-3 (whose sharded parameters are gathered into a folder)
+    # GPU, Ray's object store on the CPU; ZeRO-3 gathers weight by weight) or through a model
+    # folder; auto: memory
     sampler_weight_push: Literal["auto", "memory", "folder"] = "auto"
     backend: Literal["deepspeed", "ddp"] = "deepspeed"
     zero_stage: Literal[0, 1, 2, 3] = 2
@@ -286,9 +288,6 @@ class RunConfig(_Strict):
                 f"each worker trains optim.sequences_per_step / resources.num_workers = {per_worker} sequences a "
                 f"step, which optim.micro_sequences_per_worker ({micro}) must divide"
             )
-        if self.resources.sampler_weight_push == "memory" and self.resources.zero_stage == 3:
-            raise ValueError("resources.sampler_weight_push = 'memory' needs whole parameters on each worker: under "
-                             "resources.zero_stage = 3 set it to 'folder' (or 'auto')")
         if kind in ("dcoa", "dr_grpo") and self.resources.sampler_actors < 1:
             raise ValueError(f"objective.kind = '{kind}' samples from the policy while training: "
                              "resources.sampler_actors must be >= 1")

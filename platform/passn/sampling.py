@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import math
 from collections.abc import Sequence
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,3 +90,31 @@ def group_by_prompt(completions: Sequence[Completion], num_prompts: int) -> list
     for group in out:
         group.sort(key=lambda c: c.sample_index)
     return out
+
+
+def kv_bytes_per_token(config: Any, width: int) -> int:
+    """KV-cache bytes one token takes in an engine: keys and values of every layer's KV heads, of
+    ``width`` bytes each (``config``: a Hugging Face model config)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * width
+
+
+GPU_ENGINE_MARGIN_BYTES = 1 << 30  # activations, sampler buffers and CUDA graphs beside weights and cache
+
+
+def engine_kv_cache_bytes(kv_bytes_per_token: int, max_model_len: int, max_num_seqs: int, share_bytes: int,
+                          weight_bytes: int) -> int:
+    """The KV cache a vLLM engine on a shared GPU is given (``kv_cache_memory_bytes``): room for
+    its whole batch (``max_num_seqs`` sequences of ``max_model_len`` tokens, twice over for block
+    rounding), at most what its share of the GPU (``share_bytes``) leaves after its weights and a
+    margin. An error when the share cannot hold the weights, the margin and one sequence."""
+    wanted = 2 * max_num_seqs * max_model_len * kv_bytes_per_token
+    left = share_bytes - weight_bytes - GPU_ENGINE_MARGIN_BYTES
+    one = 2 * max_model_len * kv_bytes_per_token
+    if left < one:
+        raise ValueError(f"a sampler's GPU share of {share_bytes / 2**30:.1f} GiB cannot hold its weights "
+                         f"({weight_bytes / 2**30:.1f} GiB), a {GPU_ENGINE_MARGIN_BYTES >> 30} GiB margin and the KV "
+                         "cache of one sequence: raise resources.sampler_gpu_fraction or set "
+                         "resources.sampler_kv_cache_mb")
+    return max(one, min(wanted, left))

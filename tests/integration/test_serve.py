@@ -25,7 +25,7 @@ TOKEN = "test-token-not-a-secret"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, free_ports):
+def server(tmp_path_factory, passn_serve):
     root = tmp_path_factory.mktemp("serve")
     models = {}
     for seed in (0, 1):
@@ -34,30 +34,10 @@ def server(tmp_path_factory, free_ports):
         tokenizer.save_pretrained(root / f"m{seed}")
         models[seed] = (model.eval(), tokenizer)
     (root / "token").write_text(TOKEN + "\n")
-    [port] = free_ports(1)
-    log = open(root / "serve.log", "w+")
-    env = {**os.environ, "PASSN_SERVE_TOKEN": ""}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", "serve", "--checkpoint", f"base={root / 'm0'}",
-         "--checkpoint", f"other={root / 'm1'}", "--port", str(port), "--token-file", str(root / "token"),
-         "--max-ongoing", "8", "--max-queued", "8", "--max-n", "64", "--max-tokens", "32"],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=10).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None, Path(log.name).read_text()[-3000:]
-        time.sleep(2)
-    else:
-        proc.kill()
-        pytest.fail("passn serve did not become healthy:\n" + Path(log.name).read_text()[-3000:])
-    yield {"url": url, "proc": proc, "log": Path(log.name), "models": models, "root": root}
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
+    args = ["--checkpoint", f"base={root / 'm0'}", "--checkpoint", f"other={root / 'm1'}", "--token-file",
+            str(root / "token"), "--max-ongoing", "8", "--max-queued", "8", "--max-n", "64", "--max-tokens", "32"]
+    with passn_serve(args, root / "serve.log", 240, env={"PASSN_SERVE_TOKEN": ""}) as (proc, url):
+        yield {"url": url, "proc": proc, "log": root / "serve.log", "models": models, "root": root}
 
 
 def client(server, token=TOKEN):

@@ -1,5 +1,6 @@
-"""passn.weight_push on the CPU: a snapshot (not the live parameters), tied weights once, and what
-crosses a process boundary (a pickle) holds the handles, never the trainer's own copies."""
+"""passn.weight_push on the CPU: a snapshot (not the live parameters), tied weights once, packed
+into buckets, and what crosses a process boundary (a pickle) holds the handles, never the trainer's
+own copies."""
 
 import pickle
 
@@ -25,4 +26,19 @@ def test_a_snapshot_in_the_engines_dtype_that_later_steps_do_not_change():
         assert tensor.dtype == torch.bfloat16
         # the weights as they were when pushed (bf16-rounded), one step behind the live ones
         assert torch.allclose(tensor.float() + 1.0, live.detach().float(), atol=0.01), name
-    assert str(shared).endswith("in memory")
+    assert str(shared).endswith("in 1 bucket in memory")
+
+
+def test_weights_packed_into_buckets_come_back_whole_and_named():
+    model, _ = build_tiny_model(TinyModelSpec(), seed=0)
+    sizes = [p.numel() * 4 for p in model.parameters()]
+    bucket = 3 * max(sizes)  # several buckets; a weight is never split across two
+    shared = SharedWeights.of(((n, p) for n, p in model.named_parameters()), torch.float32, bucket_bytes=bucket)
+    assert 1 < len(shared.buckets) <= sum(sizes) // max(sizes)
+    assert all(b.numel() * 4 <= bucket for b in shared.buckets)
+    received = dict(pickle.loads(pickle.dumps(shared)).tensors())
+    assert list(received) == [n for n, _ in model.named_parameters()]
+    for name, live in model.named_parameters():
+        assert received[name].shape == live.shape and torch.equal(received[name], live.detach()), name
+    one = SharedWeights.of([("w", torch.ones(10))], torch.float32, bucket_bytes=4)  # larger than a bucket
+    assert len(one.buckets) == 1 and torch.equal(dict(one.tensors())["w"], torch.ones(10))
