@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_job.add_arguments(train)
     train.set_defaults(run=train_job.main_with_args)
 
-    from jobs import bench, demo, evaluate, frontier, model, prover, serve, submit, sweep
+    from jobs import bench, data, demo, evaluate, frontier, model, prover, serve, submit, sweep
 
     evaluate.add_parser(sub)
     prover.add_parser(sub)
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub)
     bench.add_parser(sub)
     model.add_parser(sub)
+    data.add_parser(sub)
     return parser
 
 

@@ -30,7 +30,6 @@ from typing import Any
 
 import fsspec
 import numpy as np
-
 from passn import checkpoint as ckpt
 from passn import coverage, results
 from passn.config import ConfigError, RunConfig, load_config
@@ -101,14 +100,27 @@ class Source:
         return out
 
 
+def _prompt_tokenizer(source: Source, cfg: RunConfig):
+    """The tokenizer whose chat template the prompts go through: the checkpoint's, or (an
+    endpoint) that of the configured model."""
+    from passn.models import fetch_model_folder, load_tokenizer
+
+    if source.checkpoint is None:
+        return load_tokenizer(cfg.model)[0]
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(fetch_model_folder(source.checkpoint, metadata_only=True),
+                                         trust_remote_code=False)
+
+
 def run_evaluation(source: Source | str, cfg: RunConfig, samples: int, out: str, batch_problems: int = 64,
                    num_samplers: int = 1, limit: int | None = None) -> dict[str, Any]:
     """Evaluate ``source`` (a Source, or a checkpoint path) on the configured task's test split."""
+    from passn.tasks import build_task
     from tqdm import tqdm
 
     from actors.verifier import VerifierPool
     from jobs.cluster import absolute_path, ray_session
-    from passn.tasks import build_task
 
     if isinstance(source, str):
         source = Source(checkpoint=source, samplers=num_samplers)
@@ -118,7 +130,7 @@ def run_evaluation(source: Source | str, cfg: RunConfig, samples: int, out: str,
         model_dir, manifest = resolve_checkpoint(given)
         source = dataclasses.replace(source, checkpoint=model_dir)
     out = absolute_path(out)  # type: ignore[assignment]
-    task = build_task(cfg)
+    task = build_task(cfg, tokenizer=_prompt_tokenizer(source, cfg))
     problems = task.problems("test")[:limit]
     rows = _read_rows(out)
     done = {r["uid"] for r in rows}
@@ -137,7 +149,7 @@ def run_evaluation(source: Source | str, cfg: RunConfig, samples: int, out: str,
             bar = tqdm(total=len(problems), initial=len(done), desc="problems", unit="problem", file=sys.stdout)
             for start in range(0, len(todo), batch_problems):
                 batch = todo[start : start + batch_problems]
-                prompts = [task.render_prompt(p) for p in batch]
+                prompts = [task.prompt(p) for p in batch]
                 sampled, skipped = pool.generate(prompts, samples, cfg.sampling.temperature, cfg.sampling.max_new_tokens,
                                                  seed=cfg.sampling.seed + len(done) + start)
                 greedy, _ = pool.generate(prompts, 1, 0.0, cfg.sampling.max_new_tokens)
@@ -187,9 +199,9 @@ def make_sampler(source: Source, cfg: RunConfig):
 
         return EndpointSampler(source.endpoint, source.model or "", api_key=source.api_key,
                                concurrency=source.concurrency)
-    from actors.sampler import SamplerPool, gpus_per_actor_here
-
     from passn.models import folder_limits
+
+    from actors.sampler import SamplerPool, gpus_per_actor_here
 
     model_dir = source.checkpoint or ""
     max_len, dtype = folder_limits(model_dir)

@@ -44,13 +44,13 @@ def check_before_training(cfg: RunConfig, run_dir: str) -> None:
     if cfg.objective.whole_proof and cfg.task.kind != "coq":
         raise ConfigError("objective.whole_proof needs a task made of proofs (the Coq task); the "
                           f"{cfg.task.kind} task has single-step examples: set objective.whole_proof = false")
-    task = build_task(cfg, run_dir)
     tokenizer, limit = load_tokenizer(cfg.model)  # the driver never loads the weights
+    task = build_task(cfg, run_dir, tokenizer)
     for problems in (task.problems("train"), held_out_problems(task, cfg)):
         encode_examples(tokenizer, task, problems, limit)
     if cfg.objective.kind in ONLINE_KINDS:  # the pool samples every training prompt
         for problem in task.problems("train"):
-            length = len(tokenizer(task.render_prompt(problem)).input_ids) + cfg.sampling.max_new_tokens
+            length = len(tokenizer(task.prompt(problem)).input_ids) + cfg.sampling.max_new_tokens
             if length > limit:
                 raise ConfigError(f"training problem {problem.uid}: its prompt and sampling.max_new_tokens "
                                   f"({cfg.sampling.max_new_tokens}) make {length} tokens, above the model's {limit}: "

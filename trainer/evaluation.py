@@ -33,7 +33,7 @@ class EpochEvaluation:
         module.eval()
         shard = list(range(c.rank, len(self.examples), c.world))
         logp = evaluation.sequence_logprobs(module, [self.examples[i] for i in shard], self.tokenizer.pad_token_id)
-        prompts = [task.render_prompt(self.problems[i]) for i in shard]
+        prompts = [task.prompt(self.problems[i]) for i in shard]
         max_new = max(len(e.input_ids) - e.completion_start for e in self.examples) + 1
         greedy = evaluation.greedy_answers(module, self.tokenizer, prompts, max_new)
         verdicts = task.check_many([self.problems[i] for i in shard], [g[0] for g in greedy])

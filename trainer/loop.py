@@ -138,7 +138,7 @@ def build(cfg: RunConfig, run_dir: str, collective: Collective, device: torch.de
     np.random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)
     model, tokenizer = load_model(cfg.model, cfg.seed)
-    task = build_task(cfg, run_dir if rank == 0 else None)
+    task = build_task(cfg, run_dir if rank == 0 else None, tokenizer)
     limit = int(model.config.max_position_embeddings)
     train_problems = task.problems("train")
     examples = encode_examples(tokenizer, task, train_problems, limit)

@@ -151,7 +151,7 @@ class OnlineSampler:
 
     def _sync_gap(self) -> float:
         """|log p| of the pool's greedy completion of a fixed prompt, pool against trainer."""
-        prompt = self.task.render_prompt(self.problems[0])
+        prompt = self.task.prompt(self.problems[0])
         (greedy,), _ = self.pool.generate([prompt], 1, 0.0, self.cfg.sampling.max_new_tokens, seed=0)
         ids = self.tokenizer(prompt).input_ids
         example = Example("sync-check", tuple(ids) + tuple(greedy.token_ids), len(ids))
@@ -166,7 +166,7 @@ class OnlineSampler:
         if not indices:
             return {}, 0.0, 0
         problems = [self.problems[i] for i in indices]
-        prompts = [self.task.render_prompt(p) for p in problems]
+        prompts = [self.task.prompt(p) for p in problems]
         # a function of what is drawn, not of how many draws came before: a resumed run draws the same
         seed = self.cfg.sampling.seed + 1_000_003 * version + 7919 * self.rank + indices[0]
         completions, skipped = self.pool.generate(prompts, self.samples, self.cfg.sampling.temperature,

@@ -98,6 +98,8 @@ class TaskConfig(_Strict):
     test_path: str | None = None
     max_bad_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
     answer_check: Literal["symbolic", "exact"] = "symbolic"
+    # prompts through the model's chat template where its tokenizer has one (auto), or as plain text
+    chat_template: Literal["auto", "never"] = "auto"
     max_chars: PositiveInt | None = None  # coq: leave out pairs whose prompt and tactic are longer
 
     @model_validator(mode="after")

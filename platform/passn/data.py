@@ -38,7 +38,7 @@ def encode_examples(tokenizer, task: Task, problems: Sequence[Problem], max_leng
     examples = []
     eos = tokenizer.eos_token_id
     for problem in problems:
-        prompt, completion = task.render_prompt(problem), task.reference_completion(problem)
+        prompt, completion = task.prompt(problem), task.reference_completion(problem)
         try:
             prompt_ids = tokenizer(prompt).input_ids
             completion_ids = tokenizer(completion, add_special_tokens=False).input_ids + [eos]

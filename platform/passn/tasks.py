@@ -16,7 +16,7 @@ import dataclasses
 import io
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -50,6 +50,14 @@ class Task(abc.ABC):
     """A source of problems with a prompt format and an answer check."""
 
     name: str
+    # the model's chat template, when prompts go through it (build_task sets it from the tokenizer)
+    chat: Callable[[str], str] | None = None
+
+    def prompt(self, problem: Problem) -> str:
+        """The text the model is given: ``render_prompt``, through the model's chat template when
+        it has one (training, sampling, evaluation alike)."""
+        text = self.render_prompt(problem)
+        return self.chat(text) if self.chat is not None else text
 
     @abc.abstractmethod
     def problems(self, split: Split) -> list[Problem]:
@@ -341,19 +349,38 @@ class MathTask(Task):
 # ---------------------------------------------------------------------------------------------
 
 
-def build_task(cfg: RunConfig, run_dir: str | None = None) -> Task:
-    """The task of ``cfg.task`` (rejected rows go to ``run_dir`` when given)."""
+def chat_formatter(tokenizer: Any) -> Callable[[str], str] | None:
+    """The tokenizer's chat template as a prompt formatter (the text as one user turn, the
+    assistant's turn opened), or None where it has no template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+
+    def chat(text: str) -> str:
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+
+    return chat
+
+
+def build_task(cfg: RunConfig, run_dir: str | None = None, tokenizer: Any = None) -> Task:
+    """The task of ``cfg.task`` (rejected rows go to ``run_dir`` when given); its prompts go
+    through ``tokenizer``'s chat template when it has one (unless task.chat_template = 'never')."""
     t = cfg.task
+    task: Task
     if t.kind == "synthetic":
         s = t.synthetic
-        return SyntheticTask(seed=t.seed, variant=t.variant, num_train=s.num_train, num_test=s.num_test,  # type: ignore[arg-type]
+        task = SyntheticTask(seed=t.seed, variant=t.variant, num_train=s.num_train, num_test=s.num_test,  # type: ignore[arg-type]
                              question_length=s.question_length, num_letters=s.num_letters, beta=s.beta)
-    if t.kind == "coq":
+    elif t.kind == "coq":
         from passn.proof_steps import proof_step_task
 
-        return proof_step_task(cfg)
-    return MathTask(t.train_path, t.test_path, template=t.variant, max_bad_fraction=t.max_bad_fraction,
-                    rejects_dir=run_dir, mode=t.answer_check)
+        task = proof_step_task(cfg)
+    else:
+        task = MathTask(t.train_path, t.test_path, template=t.variant, max_bad_fraction=t.max_bad_fraction,
+                        rejects_dir=run_dir, mode=t.answer_check)
+    if tokenizer is not None and t.chat_template == "auto":
+        task.chat = chat_formatter(tokenizer)
+    return task
 
 
 def held_out_problems(task: Task, cfg: RunConfig) -> list:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from passn import pretrained
 from passn.config import ModelConfig
 from passn.models import load_model
@@ -65,3 +64,29 @@ def test_unknown_names_and_a_missing_package_are_explained(tmp_path, monkeypatch
     done = subprocess.run([sys.executable, "-m", "jobs.cli", "model", "get", "gpt-17", "--cache", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "no pretrained model named 'gpt-17'" in done.stderr
+
+
+def test_prompts_go_through_its_chat_template_and_the_reference_ends_the_turn(real_model, tmp_path):
+    from passn.arithmetic import arithmetic_splits
+    from passn.config import load_config
+    from passn.data import encode_examples
+    from passn.tasks import build_task
+    from transformers import AutoTokenizer
+
+    train, test = arithmetic_splits(4, 2, seed=0)
+    for split, rows in (("train", train), ("test", test)):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(None, ["model.tiny=null", f"model.path={real_model}", "task.kind=math", "task.variant=cot",
+                             f"task.train_path={tmp_path / 'train.jsonl'}", f"task.test_path={tmp_path / 'test.jsonl'}"])
+    tokenizer = AutoTokenizer.from_pretrained(real_model)
+    task = build_task(cfg, tokenizer=tokenizer)
+    problem = task.problems("train")[0]
+    prompt = task.prompt(problem)
+    assert prompt.startswith("<|im_start|>system") and prompt.endswith("<|im_start|>assistant\n")
+    assert task.render_prompt(problem) in prompt
+    (example,) = encode_examples(tokenizer, task, [problem], 8192)
+    completion = tokenizer.decode(example.input_ids[example.completion_start:])
+    assert completion == problem.solution + "<|im_end|>"  # the turn ends where the model stops
+    plain = build_task(cfg.model_copy(update={"task": cfg.task.model_copy(update={"chat_template": "never"})}),
+                       tokenizer=tokenizer)
+    assert plain.prompt(problem) == plain.render_prompt(problem)
