@@ -46,7 +46,7 @@ coq:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q coq; }
 
 test: $(STAMP) coq
-	$(VENV)/bin/python -m pytest tests
+	$(VENV)/bin/python -m pytest tests --durations=30
 
 test-unit: $(STAMP)
 	$(VENV)/bin/python -m pytest tests/unit

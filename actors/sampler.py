@@ -203,7 +203,11 @@ class SamplerActor:
             raise StaleVersion(f"sampler holds policy version {self.version}, the request needs {version}")
         accepted, skipped = [], []
         for index, text in prompts:
-            ids = self.tokenizer(text).input_ids
+            try:
+                ids = self.tokenizer(text).input_ids
+            except Exception as exc:  # noqa: BLE001  (tokenizers raise a bare Exception for unknown symbols)
+                skipped.append(Skipped(index, f"the model's tokenizer cannot encode the prompt ({exc})"))
+                continue
             if len(ids) + max_new_tokens > self.max_model_len:
                 skipped.append(Skipped(index, f"{len(ids)} prompt tokens + max_new_tokens {max_new_tokens} exceed "
                                               f"the model's {self.max_model_len}"))

@@ -57,7 +57,11 @@ class ModelServer:
         results: list[dict[str, Any]] = [{} for _ in requests]
         flat_prompts, flat_params, owners = [], [], []
         for r, req in enumerate(requests):
-            encoded = [self.tokenizer(p).input_ids for p in req["prompts"]]
+            try:
+                encoded = encode_prompts(self.tokenizer, req["prompts"])
+            except ApiError as e:  # this request alone: the others batched with it go on
+                results[r] = e.body()
+                continue
             too_long = [i for i, ids in enumerate(encoded) if len(ids) + req["max_tokens"] > self.max_model_len]
             if too_long:
                 i = too_long[0]
@@ -106,6 +110,18 @@ class ModelServer:
         return time.perf_counter() - start
 
 
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Token ids of each prompt; a prompt the tokenizer cannot encode is the client's error (400,
+    naming it), never a server error."""
+    encoded = []
+    for i, prompt in enumerate(prompts):
+        try:
+            encoded.append(tokenizer(prompt).input_ids)
+        except Exception as exc:  # noqa: BLE001  (tokenizers raise a bare Exception for unknown symbols)
+            raise ApiError(400, f"prompt {i}: the model's tokenizer cannot encode it ({exc})", param="prompt") from exc
+    return encoded
+
+
 api = FastAPI(title="passn", docs_url=None, redoc_url=None, openapi_url=None)
 
 
@@ -136,6 +152,8 @@ class Gateway:
                 body = json.loads(raw)
             except ValueError as exc:
                 raise ApiError(400, f"the request body is not JSON: {exc}") from None
+            except RecursionError:  # e.g. 100,000 nested arrays: the parser's stack, not the server, gives up
+                raise ApiError(400, "the request body nests too deeply to be a completions request") from None
             req = parse_completion_request(body, self.limits, self.models)
             call = {"prompts": req.prompts, "n": req.n, "temperature": req.temperature, "top_p": req.top_p,
                     "max_tokens": req.max_tokens, "seed": req.seed, "stops": req.stops, "logprobs": req.logprobs}

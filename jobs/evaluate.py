@@ -56,11 +56,51 @@ def resolve_model_dir(checkpoint: str) -> str:
 
 
 def _read_rows(out: str) -> list[dict[str, Any]]:
-    fs, root = fsspec.core.url_to_fs(f"{out.rstrip('/')}/{PROBLEMS_FILE}")
+    """The rows an earlier evaluation into ``out`` wrote. A torn last line (a writer killed
+    mid-line) is dropped, its problem evaluated again; any other unreadable line is an error
+    naming the file and line."""
+    path = f"{out.rstrip('/')}/{PROBLEMS_FILE}"
+    fs, root = fsspec.core.url_to_fs(path)
     if not fs.exists(root):
         return []
     with fs.open(root, "r") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or "uid" not in row:
+                raise ValueError("not a problem record")
+        except ValueError as exc:
+            if i == len(lines) - 1:
+                print(f"{path}:{n}: a torn last line, dropped (its problem is evaluated again)")
+                break
+            raise DataError(f"{path}:{n}: not a problem record ({exc}): move the file away to start afresh") from None
+        rows.append(row)
+    return rows
+
+
+def _write_rows(fs, root: str, rows: list[dict[str, Any]]) -> None:
+    """The whole file, replaced at once: a local file through a rename, an object store by one put."""
+    target = f"{root}/{PROBLEMS_FILE}"
+    if "file" not in fs.protocol:
+        with fs.open(target, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        return
+    partial = f"{target}.partial-{os.getpid()}"
+    with open(partial, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(partial, target)
+
+
+def _check_unique(problems: list) -> None:
+    """Problems are resumed by uid: two with one uid would be evaluated as one."""
+    seen: dict[str, int] = {}
+    for i, problem in enumerate(problems):
+        if problem.uid in seen:
+            raise DataError(f"test problems {seen[problem.uid]} and {i} share the unique_id {problem.uid!r}: "
+                            "give each problem its own (an evaluation resumes by it)")
+        seen[problem.uid] = i
 
 
 def problem_row(uid: str, answers: list[str | None], correct: list[bool], k_grid: list[int], greedy: tuple[str, float, bool],
@@ -132,6 +172,7 @@ def run_evaluation(source: Source | str, cfg: RunConfig, samples: int, out: str,
     out = absolute_path(out)  # type: ignore[assignment]
     task = build_task(cfg, tokenizer=_prompt_tokenizer(source, cfg))
     problems = task.problems("test")[:limit]
+    _check_unique(problems)
     rows = _read_rows(out)
     done = {r["uid"] for r in rows}
     todo = [p for p in problems if p.uid not in done]
@@ -173,8 +214,7 @@ def run_evaluation(source: Source | str, cfg: RunConfig, samples: int, out: str,
                     new_rows.append(problem_row(problem.uid, answers[:-1], ok[:-1], k_grid,
                                                 (texts[-1], greedy_by[i].confidence, ok[-1])))
                 rows += new_rows
-                with fs.open(f"{root}/{PROBLEMS_FILE}", "w") as f:  # whole file: works on S3 too
-                    f.writelines(json.dumps(r) + "\n" for r in rows)
+                _write_rows(fs, root, rows)
                 bar.update(len(batch))
             bar.close()
         finally:

@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import json
 import re
+import typing
 from collections.abc import Sequence
 from typing import IO, Annotated, Any, Literal
 
@@ -29,7 +30,21 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        """``budget: true`` is a mistake, not 1 (pydantic's lax mode would take it as 1)."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name) if isinstance(name, str) else None
+                if field is None or not isinstance(value, bool):
+                    continue
+                kinds = set(typing.get_args(field.annotation)) | {field.annotation}
+                if bool not in kinds and kinds & {int, float}:
+                    raise ValueError(f"{name} = {value}: a boolean where a number is expected")
+        return data
 
 
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -399,11 +414,30 @@ def read_config_tree(path: str) -> dict[str, Any]:
             return _parse_config_tree(f, path)
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: no such configuration file") from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(f"{path}: a folder, not a configuration file (give a YAML file)") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): a configuration is a YAML file") from exc
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that names a key twice (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (lines {seen[key]} and {line}): keep one", key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _parse_config_tree(stream: str | IO[str], source: str) -> dict[str, Any]:
     try:
-        tree = yaml.safe_load(stream)
+        tree = yaml.load(stream, Loader=_UniqueKeyLoader)  # noqa: S506  (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
     if tree is None:

@@ -384,10 +384,13 @@ def build_task(cfg: RunConfig, run_dir: str | None = None, tokenizer: Any = None
 
 
 def held_out_problems(task: Task, cfg: RunConfig) -> list:
-    """The test split, or none for a MATH run configured without one (no epoch-end evaluation)."""
+    """The test split, or none for a MATH run configured without one (no epoch-end evaluation). A
+    test_path that is set but cannot be read is an error, never a run without evaluation."""
+    if cfg.task.kind == "math" and cfg.task.test_path is None:
+        return []
     try:
         return task.problems("test")
     except DataError:
-        if cfg.task.kind in ("math", "coq"):
+        if cfg.task.kind == "coq":
             return []
         raise

@@ -144,14 +144,15 @@ def test_load_weights_matches_a_fresh_engine(ray_cluster, models, backend, push)
         [c.cumulative_logprob for c in before] != pytest.approx([c.cumulative_logprob for c in swapped], abs=1e-6)
 
 
-def test_overlong_prompts_are_skipped_with_a_reason(ray_cluster, models):
+def test_overlong_and_unencodable_prompts_are_skipped_with_a_reason(ray_cluster, models):
     pool = SamplerPool(models[0][0], num_actors=1)
-    try:
-        completions, skipped = pool.generate([PROMPTS[0], "a" * 70, PROMPTS[1]], 2, temperature=1.0,
+    try:  # "ABC=": letters outside the tiny model's alphabet
+        completions, skipped = pool.generate([PROMPTS[0], "a" * 70, PROMPTS[1], "ABC="], 2, temperature=1.0,
                                              max_new_tokens=4)
     finally:
         pool.shutdown()
-    assert [s.prompt_index for s in skipped] == [1] and "exceed the model's 64" in skipped[0].reason
+    assert [s.prompt_index for s in skipped] == [1, 3] and "exceed the model's 64" in skipped[0].reason
+    assert "cannot encode" in skipped[1].reason
     assert sorted({c.prompt_index for c in completions}) == [0, 2]
 
 

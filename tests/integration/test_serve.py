@@ -84,6 +84,27 @@ def test_auth_validation_and_unknown_models(server):
     bad_json = httpx.post(server["url"] + "/v1/completions", content=b"{", headers={
         "Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
     assert bad_json.status_code == 400 and "not JSON" in bad_json.json()["error"]["message"]
+    nested = httpx.post(server["url"] + "/v1/completions", content=b"[" * 100_000, headers={
+        "Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    assert nested.status_code == 400 and "nests too deeply" in nested.json()["error"]["message"]
+
+
+def test_a_prompt_the_tokenizer_cannot_encode_is_a_400_and_fails_no_other_request(server):
+    """"ABC=" has letters outside the tiny model's alphabet; sent among 15 valid requests that the
+    replica batches with it."""
+    async def mixed():
+        async with httpx.AsyncClient(timeout=120) as http:
+            bodies = [{"model": "base", "prompt": "ABC=" if i == 7 else "abc=", "n": 2, "max_tokens": 4}
+                      for i in range(16)]
+            return await asyncio.gather(*[
+                http.post(server["url"] + "/v1/completions", json=b, headers={"Authorization": f"Bearer {TOKEN}"})
+                for b in bodies])
+
+    responses = asyncio.run(mixed())
+    bad = responses[7]
+    assert bad.status_code == 400 and "cannot encode" in bad.json()["error"]["message"], bad.text
+    assert bad.json()["error"]["param"] == "prompt"
+    assert [r.status_code for i, r in enumerate(responses) if i != 7] == [200] * 15
 
 
 def test_two_hundred_concurrent_requests_none_lost_then_healthy(server):

@@ -45,3 +45,17 @@ def test_the_math_loader_reads_them_and_checks_their_answers(tmp_path):
 
 def test_a_tokenizer_without_a_chat_template_leaves_prompts_as_they_are():
     assert chat_formatter(char_tokenizer(ALPHABETS["synthetic"])) is None
+
+
+def test_a_test_path_that_cannot_be_read_is_an_error_not_a_run_without_evaluation(tmp_path):
+    from passn.config import load_config
+    from passn.tasks import DataError, build_task, held_out_problems
+
+    train, _ = arithmetic_splits(4, 0, seed=0)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    base = ["model.tiny=null", "model.path=unused", "task.kind=math", f"task.train_path={tmp_path / 'train.jsonl'}"]
+    cfg = load_config(None, base)
+    assert held_out_problems(build_task(cfg), cfg) == []  # no test split configured: no evaluation
+    cfg = load_config(None, [*base, f"task.test_path={tmp_path / 'missing.jsonl'}"])
+    with pytest.raises(DataError, match="missing.jsonl: no such file"):
+        held_out_problems(build_task(cfg), cfg)

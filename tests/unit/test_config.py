@@ -1,5 +1,6 @@
 """passn.config: YAML plus dotted overrides, strict validation, errors that name field and fix."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,27 @@ def test_switching_the_kind_on_the_command_line_drops_the_files_fields_for_the_o
     with pytest.raises(ConfigError, match="objective.budget does not apply"):  # set by the override itself: an error
         load_config(str(Path(__file__).parents[2] / "configs" / "tiny-dcoa.yaml"),
                     ["objective.kind=ce", "objective.budget=8"])
+
+
+def test_a_key_named_twice_a_folder_and_a_non_utf8_file_are_named_errors(tmp_path):
+    (tmp_path / "twice.yaml").write_text("objective:\n  kind: dco\n  budget: 4\n  budget: 8\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: not valid YAML: .*key 'budget' appears twice \(lines 3 and 4\)"):
+        load_config(str(tmp_path / "twice.yaml"))
+    (tmp_path / "sections.yaml").write_text("optim:\n  epochs: 2\noptim:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match="key 'optim' appears twice"):
+        load_config(str(tmp_path / "sections.yaml"))
+    with pytest.raises(ConfigError, match="a folder, not a configuration file"):
+        load_config(str(tmp_path))
+    (tmp_path / "latin1.yaml").write_bytes("optim: {epochs: 2}  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text \(byte 25\)"):
+        load_config(str(tmp_path / "latin1.yaml"))
+
+
+def test_infinite_numbers_and_booleans_for_numbers_are_refused():
+    for override, message in (("optim.learning_rate=.inf", "optim.learning_rate = inf: Input should be a finite"),
+                              ("optim.learning_rate=nan", "Input should be a finite number"),
+                              ("objective.budget=true", "budget = True: a boolean where a number is expected"),
+                              ("optim.epochs=false", "epochs = False: a boolean")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(None, ["objective.kind=dco", override])
+    assert load_config(None, ["objective.kind=dco", "objective.whole_proof=false"]).objective.whole_proof is False
