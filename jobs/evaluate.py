@@ -30,6 +30,7 @@ from typing import Any
 
 import fsspec
 import numpy as np
+
 from passn import checkpoint as ckpt
 from passn import coverage, results
 from passn.config import ConfigError, RunConfig, load_config
@@ -156,11 +157,11 @@ def _prompt_tokenizer(source: Source, cfg: RunConfig):
 def run_evaluation(source: Source | str, cfg: RunConfig, samples: int, out: str, batch_problems: int = 64,
                    num_samplers: int = 1, limit: int | None = None) -> dict[str, Any]:
     """Evaluate ``source`` (a Source, or a checkpoint path) on the configured task's test split."""
-    from passn.tasks import build_task
     from tqdm import tqdm
 
     from actors.verifier import VerifierPool
     from jobs.cluster import absolute_path, ray_session
+    from passn.tasks import build_task
 
     if isinstance(source, str):
         source = Source(checkpoint=source, samplers=num_samplers)
@@ -239,9 +240,9 @@ def make_sampler(source: Source, cfg: RunConfig):
 
         return EndpointSampler(source.endpoint, source.model or "", api_key=source.api_key,
                                concurrency=source.concurrency)
-    from passn.models import folder_limits
-
     from actors.sampler import SamplerPool, gpus_per_actor_here
+
+    from passn.models import folder_limits
 
     model_dir = source.checkpoint or ""
     max_len, dtype = folder_limits(model_dir)

@@ -17,11 +17,11 @@ from pathlib import Path
 
 
 def _list(args: argparse.Namespace) -> int:
-    from passn.pretrained import KNOWN, model_cache_dir
+    from passn.pretrained import COMPLETE, KNOWN, model_cache_dir
 
     cache = Path(args.cache) if args.cache else model_cache_dir()
     for name, spec in sorted(KNOWN.items()):
-        state = "converted" if (cache / name / ".complete").exists() else "not converted yet"
+        state = "converted" if (cache / name / COMPLETE).exists() else "not converted yet"
         print(f"{name:<24} {spec.about}; from PyPI's {spec.distribution} ({spec.quantization} GGUF); {state}")
     return 0
 
