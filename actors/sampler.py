@@ -50,11 +50,15 @@ class VLLMEngine:
         import torch
         from vllm import LLM
 
+        from passn.models import check_safetensors_weights
+
+        check_safetensors_weights(model_dir)
         # sleep_when_idle (CUDA only): between requests the engine sleeps (level 1: weights to host
         # memory, KV cache freed), so a training worker sharing the GPU gets the memory back while
         # it trains, provided nothing allocates on the GPU during a draw (see _sleep)
         self.llm = LLM(model=model_dir, dtype=dtype, max_model_len=max_model_len, seed=seed,
                        kv_cache_memory_bytes=kv_cache_bytes, trust_remote_code=False,
+                       load_format="safetensors",  # never a pickled pytorch_model.bin
                        enforce_eager=not torch.cuda.is_available(),  # CUDA graphs: the decode steps of a GPU
                        **({"enable_sleep_mode": True} if sleep_when_idle else {}),
                        # on a GPU shared with a trainer: vLLM refuses to start unless this share of
@@ -119,6 +123,9 @@ class TransformersEngine:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from passn.models import check_safetensors_weights
+
+        check_safetensors_weights(model_dir)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}[dtype]
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, use_safetensors=True,

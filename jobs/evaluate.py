@@ -41,12 +41,16 @@ PROBLEMS_FILE, SUMMARY_FILE = "problems.jsonl", "summary.json"
 
 def resolve_checkpoint(checkpoint: str) -> tuple[str, dict[str, Any] | None]:
     """A checkpoint folder (verified by its manifest) or a plain Hugging Face folder -> (model
-    folder, the checkpoint's manifest or None)."""
+    folder, the checkpoint's manifest or None); either must hold safetensors weights."""
+    from passn.models import check_safetensors_weights
+
     fs, root = fsspec.core.url_to_fs(checkpoint)
     if fs.exists(f"{root}/{ckpt.MANIFEST}"):
         verified = ckpt.verify_checkpoint(checkpoint)
+        check_safetensors_weights(verified.model_dir)
         return verified.model_dir, verified.manifest
     if fs.exists(f"{root}/config.json"):
+        check_safetensors_weights(checkpoint)
         return checkpoint, None
     raise FileNotFoundError(f"{checkpoint}: neither a passn checkpoint (manifest.json) nor a model folder (config.json)")
 

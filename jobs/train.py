@@ -25,7 +25,8 @@ from passn import checkpoint as ckpt
 from passn.batches import ONLINE_KINDS
 from passn.config import ConfigError, RunConfig, load_config, to_yaml
 from passn.data import encode_examples
-from passn.models import load_tokenizer
+from passn import pretrained
+from passn.models import check_safetensors_weights, load_tokenizer
 from passn.tasks import DataError, build_task, held_out_problems
 from trainer.loop import FAULT_ENV, fault_marker  # noqa: F401  (the fault hook the tests set)
 from trainer.state import check_resumable, read_metrics  # noqa: F401  (public from here for tests and jobs)
@@ -44,6 +45,9 @@ def check_before_training(cfg: RunConfig, run_dir: str) -> None:
     if cfg.objective.whole_proof and cfg.task.kind != "coq":
         raise ConfigError("objective.whole_proof needs a task made of proofs (the Coq task); the "
                           f"{cfg.task.kind} task has single-step examples: set objective.whole_proof = false")
+    if cfg.model.path and not cfg.model.path.startswith(pretrained.SCHEME):  # passn converts those itself
+        check_safetensors_weights(cfg.model.path)
+    ckpt.check_state_files(run_dir)  # a file no worker would load: refused here, not once per Ray Train retry
     tokenizer, limit = load_tokenizer(cfg.model)  # the driver never loads the weights
     task = build_task(cfg, run_dir, tokenizer)
     for problems in (task.problems("train"), held_out_problems(task, cfg)):

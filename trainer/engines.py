@@ -8,8 +8,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
+import importlib
+import pickle
+import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,38 @@ def skip_shared_memory_all_reduce() -> None:
     from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
     deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False  # DeepSpeed's own probe cache
+
+
+def load_training_state(path: str, map_location=None, allowed: Sequence[str] = ckpt.TRAINING_STATE_GLOBALS):
+    """A ``torch.save`` file of training state, unpickled by torch's weights-only unpickler with
+    just ``allowed`` added (for this load only): tensors, plain containers and those classes; a
+    file that names anything else is a CheckpointError naming it, and nothing of it runs."""
+    classes = []
+    for name in allowed:
+        module, _, attr = name.rpartition(".")
+        classes.append(getattr(importlib.import_module(module), attr))
+    try:
+        with torch.serialization.safe_globals(classes):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message advises weights_only=False, precisely what must not be done here: keep the name only
+        named = re.search(r"GLOBAL (\S+) was not an allowed global", str(exc))
+        raise ckpt.CheckpointError(ckpt.refusal(path, [named.group(1)] if named else "objects other than tensors")) from None
+
+
+class WeightsOnlyLoads:
+    """DeepSpeed's checkpoint engine with every load (the module state, the optimizer and its ZeRO
+    shards all go through ``checkpoint_engine.load``) done by :func:`load_training_state`; saving
+    and everything else stay DeepSpeed's own."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def load(self, path: str, map_location=None):
+        return load_training_state(path, map_location)
 
 
 class DeepSpeedEngine:
@@ -82,6 +116,8 @@ class DeepSpeedEngine:
         }
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        # DeepSpeed's own engine unpickles with weights_only=False: a planted file would run code
+        self.engine.checkpoint_engine = WeightsOnlyLoads(self.engine.checkpoint_engine)
         self.module = self.engine.module
 
     def forward(self, **kwargs):
@@ -154,7 +190,7 @@ class DDPEngine:
     def load_state(self, local_dir: str) -> None:
         from safetensors.torch import load_file
 
-        state = torch.load(f"{local_dir}/optimizer.pt", weights_only=True)  # written by this run only
+        state = load_training_state(f"{local_dir}/optimizer.pt", allowed=())
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         weights = load_file(f"{Path(local_dir).parent}/model/model.safetensors")

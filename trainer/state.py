@@ -109,7 +109,10 @@ class TrainingState:
             mine = [f for f in m["files"] if f.startswith(("state/", "model/")) and
                     ("zero_pp_rank_" not in f or f"zero_pp_rank_{rank}_" in f)]
             ckpt.download_tree(resumed.path, local, only=[*mine, f"rng/rank_{rank}.json"])
-            self.engine.load_state(str(local / "state"))
+            try:
+                self.engine.load_state(str(local / "state"))
+            except ckpt.CheckpointError as exc:  # name the run dir's file, not this worker's copy
+                raise ckpt.CheckpointError(str(exc).replace(str(local), resumed.path)) from None
             set_rng_state(json.loads((local / f"rng/rank_{rank}.json").read_text()))
         finally:
             shutil.rmtree(local, ignore_errors=True)

@@ -9,7 +9,10 @@ Layout of ``RUN_DIR/checkpoints/step_00000120/``:
                       sha256: written last, so a checkpoint without a valid manifest does not exist
 
 :func:`newest_valid_checkpoint` walks checkpoints newest first, verifies each manifest against
-the files, and names every one it has to skip.
+the files, and names every one it has to skip. The manifest is an integrity check against
+corruption, not a signature: whoever can write the files can rewrite it. What keeps a written
+file from running code is that passn unpickles nothing beyond tensors, plain containers and
+:data:`TRAINING_STATE_GLOBALS` (:func:`check_state_files`; the trainer's weights-only loads).
 """
 
 from __future__ import annotations
@@ -32,6 +35,59 @@ _STEP_DIR = re.compile(r"step_(\d{8})")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used (the message says which and why)."""
+
+
+# The classes DeepSpeed pickles into its own training state beside tensors and plain containers,
+# found by saving ZeRO stages 0, 1 and 3 with DeepSpeed 0.19 and listing what torch's weights-only
+# unpickler refuses (stage 0: none; 1 and 2: all three; 3: the first two). None of them runs code
+# of the file's choosing when rebuilt: a loss-scaler record, an enum, a dataclass of two ints.
+TRAINING_STATE_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+def refused_globals(f) -> list[str]:
+    """The globals a ``torch.save`` file (a path or an open binary file) names beyond torch's
+    weights-only set and TRAINING_STATE_GLOBALS; reads the file's pickle, never runs it. A file
+    that is not torch's zip format says so (the weights-only load refuses it too, if it pickles code)."""
+    import torch
+
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(f)
+    except (ValueError, RuntimeError) as exc:  # not a zip written by torch.save, or a torn one
+        raise CheckpointError(f"not a torch.save zip file ({exc})") from None
+    return [name for name in names if name not in TRAINING_STATE_GLOBALS]
+
+
+def check_state_files(run_dir: str) -> None:
+    """Refuse a run dir whose checkpoints hold a training-state file that pickles anything but
+    tensors, plain containers and TRAINING_STATE_GLOBALS, naming the file; reads only the pickles
+    (not the tensors) of the ``.pt`` files each readable manifest lists. A damaged file is left
+    to the manifest's check, which skips its checkpoint."""
+    for path in list_checkpoints(run_dir):
+        try:
+            listed = verify_checkpoint(path, hashes=False).manifest["files"]
+        except CheckpointError:
+            continue
+        fs, root = fsspec.core.url_to_fs(path)
+        for rel in sorted(r for r in listed if r.endswith(".pt")):
+            with fs.open(f"{root}/{rel}", "rb") as f:
+                try:
+                    names = refused_globals(f)
+                except CheckpointError:
+                    continue
+            if names:
+                raise CheckpointError(refusal(f"{path}/{rel}", names))
+
+
+def refusal(name: str, globals_named: list[str] | str) -> str:
+    """The message for a training-state file passn will not unpickle."""
+    what = ", ".join(globals_named) if isinstance(globals_named, list) else globals_named
+    return (f"{name}: pickles {what}, which passn does not load (training state holds tensors, plain containers "
+            f"and DeepSpeed's own state classes only): someone or something else wrote this file; delete its "
+            f"checkpoint folder to resume from an earlier one, or use a new --run-dir")
 
 
 def file_digest(path: str | Path) -> dict[str, Any]:

@@ -70,6 +70,27 @@ def build_tiny_model(spec: TinyModelSpec, seed: int):
     return model, tokenizer
 
 
+_PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+class PickledWeightsError(ValueError):
+    """A model folder without safetensors weights (passn unpickles no weights)."""
+
+
+def check_safetensors_weights(folder: str) -> None:
+    """Refuse a model folder (local or a URL such as s3://) that has no ``*.safetensors`` weights,
+    before anything loads from it: pickled weights (``pytorch_model.bin``) can run code when loaded."""
+    fs, root = fsspec.core.url_to_fs(folder)
+    names = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(root, detail=False)]
+    if any(name.endswith(".safetensors") for name in names):
+        return
+    pickled = sorted(name for name in names if name.endswith(_PICKLED_WEIGHTS))
+    raise PickledWeightsError(
+        f"{folder}: no *.safetensors weights (found {', '.join(pickled) or 'no weights at all'}; passn loads no pickled "
+        "weights: convert it with transformers where you trust the file, "
+        "AutoModelForCausalLM.from_pretrained(FOLDER).save_pretrained(FOLDER) writes model.safetensors)")
+
+
 _METADATA_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja")
 
 
@@ -137,8 +158,7 @@ def load_model(cfg: ModelConfig, seed: int):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = fetch_model_folder(cfg.path)  # type: ignore[arg-type]
-    if not list(Path(folder).glob("*.safetensors")):
-        raise FileNotFoundError(f"model.path {cfg.path!r} has no .safetensors weights (pickled weights are refused)")
+    check_safetensors_weights(folder)
     dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, trust_remote_code=False)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
