@@ -116,7 +116,7 @@ def _cpu_generate_per_prompt(folder: str, requests: list[str], samples: int, max
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(1)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", use_safetensors=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     start, tokens = time.perf_counter(), 0
     for text in requests:
@@ -151,7 +151,7 @@ def _offline_vllm(folder: str, prompt_ids: list[list[int]], samples: int, max_ne
     from vllm.inputs import TokensPrompt
 
     llm = LLM(model=folder, dtype="bfloat16", max_model_len=max_model_len, kv_cache_memory_bytes=kv_cache_bytes,
-              seed=0)
+              load_format="safetensors", seed=0)
     params = SamplingParams(n=samples, temperature=1.0, max_tokens=max_new_tokens, seed=0, logprobs=0)
     requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
     llm.generate(requests, params, use_tqdm=False)  # warm-up: the same workload once

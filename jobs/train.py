@@ -45,10 +45,10 @@ def check_before_training(cfg: RunConfig, run_dir: str) -> None:
     if cfg.objective.whole_proof and cfg.task.kind != "coq":
         raise ConfigError("objective.whole_proof needs a task made of proofs (the Coq task); the "
                           f"{cfg.task.kind} task has single-step examples: set objective.whole_proof = false")
+    tokenizer, limit = load_tokenizer(cfg.model)  # the driver never loads the weights
     if cfg.model.path and not cfg.model.path.startswith(pretrained.SCHEME):  # passn converts those itself
         check_safetensors_weights(cfg.model.path)
     ckpt.check_state_files(run_dir)  # a file no worker would load: refused here, not once per Ray Train retry
-    tokenizer, limit = load_tokenizer(cfg.model)  # the driver never loads the weights
     task = build_task(cfg, run_dir, tokenizer)
     for problems in (task.problems("train"), held_out_problems(task, cfg)):
         encode_examples(tokenizer, task, problems, limit)
