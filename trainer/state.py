@@ -9,7 +9,7 @@ A checkpoint ``checkpoints/step_NNNNNNNN/`` holds:
     manifest.json     step, epoch, the batch source's stream position, the training fields, sha256 of every file
 
     state = TrainingState(cfg, run_dir, engine, tokenizer, batches, collective)
-    state.restore(say)      # from the newest checkpoint whose manifest verifies, if any
+    state.restore(say, plan)  # from the driver's choice (passn.checkpoint.plan_resume), if any
     state.save(epoch_end=True)
 """
 
@@ -96,9 +96,11 @@ class TrainingState:
                 self.sink.flush()
         c.barrier()
 
-    def restore(self, say=print) -> bool:
-        """Load the newest checkpoint whose manifest verifies; False when there is none."""
-        resumed = ckpt.newest_valid_checkpoint(self.run_dir, warn=say)
+    def restore(self, say=print, plan: ckpt.ResumePlan | None = None) -> bool:
+        """Load the checkpoint the driver chose (``plan``: passn.checkpoint.checkpoint_to_resume), or
+        without a plan the newest whose manifest verifies; False when there is none."""
+        resumed = ckpt.newest_valid_checkpoint(self.run_dir, warn=say) if plan is None else \
+            ckpt.checkpoint_to_resume(self.run_dir, plan, warn=say)
         if resumed is None:
             return False
         m, rank = resumed.manifest, self.collective.rank

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -115,6 +116,28 @@ def test_bad_config_or_data_fails_before_any_training(tmp_path):
     assert bad_rows.returncode == 2
     assert f"{data}:2: field \"answer\" is missing" in bad_rows.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b" / "checkpoints").exists()
+    # a run dir whose checkpoints all fail verification: refused by the driver, before Ray starts
+    corrupt = tmp_path / "corrupt"
+    for step in (4, 8):
+        remote = Path(ckpt.checkpoint_dir(str(corrupt), step))
+        (remote / "model").mkdir(parents=True)
+        (remote / "model" / "model.safetensors").write_bytes(b"weights")
+        ckpt.write_manifest(str(remote), ckpt.digest_tree(remote), step=step)
+        (remote / "model" / "model.safetensors").write_bytes(b"WEIGHTS")  # same size, other bytes
+    started = time.monotonic()
+    refused = train(TINY, "--run-dir", str(corrupt))
+    took = time.monotonic() - started
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.startswith(f"passn train: {corrupt}: no checkpoint verifies ({corrupt}/checkpoints/step_00000008: "
+                                     "model/model.safetensors does not match its sha256 in the manifest; "
+                                     f"{corrupt}/checkpoints/step_00000004: "), refused.stderr[-3000:]
+    assert "move them away (or use a new --run-dir) to start over" in refused.stderr
+    assert "Traceback" not in refused.stderr and "Ray" not in refused.stdout + refused.stderr, refused.stderr[-3000:]
+    assert took < 60, f"{took:.0f} s"  # before Ray starts: no cluster, no worker hashing every file
+    missing = train(TINY, "--run-dir", str(tmp_path / "c"), "--set", "model.tiny=null",
+                    "--set", f"model.path={tmp_path / 'no-such-model'}")
+    assert missing.returncode == 2 and missing.stderr.startswith("passn train: model.path: "), missing.stderr[-3000:]
+    assert "Ray" not in missing.stdout + missing.stderr
 
 
 def test_ddp_backend_resumes_after_a_killed_worker_with_identical_losses(tmp_path, monkeypatch):
