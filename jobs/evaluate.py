@@ -25,7 +25,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -35,6 +34,7 @@ from passn import checkpoint as ckpt
 from passn import coverage, results
 from passn.config import ConfigError, RunConfig, load_config
 from passn.deadlines import DeadlinePassed
+from passn.scratch import sweep_stale
 from passn.tasks import DataError, MathTask
 
 PROBLEMS_FILE, SUMMARY_FILE = "problems.jsonl", "summary.json"
@@ -177,6 +177,7 @@ def run_evaluation(source: Source | str, cfg: RunConfig, samples: int, out: str,
         model_dir, manifest = resolve_checkpoint(given)
         source = dataclasses.replace(source, checkpoint=model_dir)
     out = absolute_path(out)  # type: ignore[assignment]
+    sweep_stale()
     task = build_task(cfg, tokenizer=_prompt_tokenizer(source, cfg))
     problems = task.problems("test")[:limit]
     _check_unique(problems)
@@ -278,16 +279,15 @@ def make_sampler(source: Source, cfg: RunConfig):
 
 
 def _write_plots(summary: dict[str, Any], out: str) -> None:
-    import tempfile
-
     from passn import plots
+    from passn.scratch import scratch
 
-    local = Path(tempfile.mkdtemp(prefix="passn-plots-"))
-    curves = {"unbiased": {int(k): v for k, v in summary["pass_at_k"].items()},
-              "chunked (paper)": {int(k): v for k, v in summary.get("pass_at_k_chunked", {}).items()}}
-    plots.plot_pass_at_k(curves, str(local / "pass_at_k.png"))
-    plots.plot_confidence(summary["greedy"], str(local / "greedy_confidence.png"))
-    ckpt.upload_tree(local, out)
+    with scratch("plots") as local:
+        curves = {"unbiased": {int(k): v for k, v in summary["pass_at_k"].items()},
+                  "chunked (paper)": {int(k): v for k, v in summary.get("pass_at_k_chunked", {}).items()}}
+        plots.plot_pass_at_k(curves, str(local / "pass_at_k.png"))
+        plots.plot_confidence(summary["greedy"], str(local / "greedy_confidence.png"))
+        ckpt.upload_tree(local, out)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

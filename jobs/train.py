@@ -17,7 +17,6 @@ import dataclasses
 import math
 import os
 import sys
-import tempfile
 from typing import Any
 
 import fsspec
@@ -28,6 +27,7 @@ from passn.batches import ONLINE_KINDS
 from passn.config import ConfigError, RunConfig, load_config, to_yaml
 from passn.data import encode_examples
 from passn.models import load_tokenizer
+from passn.scratch import scratch, sweep_stale
 from passn.tasks import DataError, build_task, held_out_problems
 from trainer.loop import FAULT_ENV, fault_marker  # noqa: F401  (the fault hook the tests set)
 from trainer.state import check_resumable, read_metrics
@@ -86,6 +86,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from trainer.loop import train
 
     cfg = RunConfig.model_validate(loop_config["config"])
+    sweep_stale()  # on this node: e.g. the folders of a worker killed in the attempt before this one
     torch.set_num_threads(cfg.resources.threads_per_worker)
     device = ray.train.torch.get_device()
     train(cfg, loop_config["run_dir"], TorchDistributed(device), device, report=ray.train.report,
@@ -127,7 +128,9 @@ def run_training(cfg: RunConfig, run_dir: str, address: str | None = None) -> li
     fs.makedirs(root, exist_ok=True)
     with fs.open(f"{root}/config.yaml", "w") as f:
         f.write(to_yaml(cfg))
-    with ray_session(address, log_to_driver=True, num_cpus=local_cpus(cfg)):
+    sweep_stale()  # scratch folders of runs killed before they could remove them
+    # Ray Train's own storage (passn keeps nothing there): removed after Ray shuts down
+    with scratch("ray") as storage, ray_session(address, log_to_driver=True, num_cpus=local_cpus(cfg)):
         r = cfg.resources
         use_gpu = r.gpus_per_worker > 0
         resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
@@ -137,7 +140,7 @@ def run_training(cfg: RunConfig, run_dir: str, address: str | None = None) -> li
                                "resume": dataclasses.asdict(resume)},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=600),
             scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-            run_config=RayRunConfig(name="train", storage_path=tempfile.mkdtemp(prefix="passn-ray-"),
+            run_config=RayRunConfig(name="train", storage_path=str(storage),
                                     failure_config=FailureConfig(max_failures=r.max_failures)),
         )
         trainer.fit()

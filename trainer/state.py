@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -28,6 +26,7 @@ import torch
 
 from passn import checkpoint as ckpt
 from passn.collective import Collective
+from passn.scratch import scratch, scratch_dir
 from passn.config import ConfigError, RunConfig, config_hash, training_differences, training_fields, training_hash
 from trainer.engines import export_weights
 
@@ -72,19 +71,18 @@ class TrainingState:
     def save(self, epoch_end: bool) -> None:
         """Checkpoint ``step`` into the run dir (every worker calls it: shards and collectives)."""
         c = self.collective
-        local = Path(tempfile.mkdtemp(prefix="passn-ckpt-"))
-        self.engine.save_state(str(local / "state"))
-        (local / "rng").mkdir()
-        (local / "rng" / f"rank_{c.rank}.json").write_text(json.dumps(rng_state()))
-        export_weights(self.engine, self.tokenizer, self.cfg, str(local / "model"), here=c.rank == 0)
-        self.batches.settle()
-        source = self.batches.state()
-        if c.rank == 0 and "online" in source:
-            (local / "online.json").write_text(json.dumps(source["online"]))
-        remote = ckpt.checkpoint_dir(self.run_dir, self.step)
-        ckpt.upload_tree(local, remote)
-        files = c.gather(ckpt.digest_tree(local))
-        shutil.rmtree(local, ignore_errors=True)
+        with scratch("ckpt") as local:
+            self.engine.save_state(str(local / "state"))
+            (local / "rng").mkdir()
+            (local / "rng" / f"rank_{c.rank}.json").write_text(json.dumps(rng_state()))
+            export_weights(self.engine, self.tokenizer, self.cfg, str(local / "model"), here=c.rank == 0)
+            self.batches.settle()
+            source = self.batches.state()
+            if c.rank == 0 and "online" in source:
+                (local / "online.json").write_text(json.dumps(source["online"]))
+            remote = ckpt.checkpoint_dir(self.run_dir, self.step)
+            ckpt.upload_tree(local, remote)
+            files = c.gather(ckpt.digest_tree(local))
         if c.rank == 0:
             merged = {k: v for per_rank in files for k, v in per_rank.items()}
             ckpt.write_manifest(remote, merged, step=self.step, epoch=self.batches.stream.progress, epoch_end=epoch_end,
@@ -105,16 +103,13 @@ class TrainingState:
             return False
         m, rank = resumed.manifest, self.collective.rank
         check_resumable(m, self.cfg, self.run_dir)
-        local = Path(tempfile.mkdtemp(prefix="passn-resume-"))
-        try:
+        with scratch("resume") as local:
             # this rank's ZeRO shards (stage 2 and 3 name them by rank), the shared state files, the model
             mine = [f for f in m["files"] if f.startswith(("state/", "model/")) and
                     ("zero_pp_rank_" not in f or f"zero_pp_rank_{rank}_" in f)]
             ckpt.download_tree(resumed.path, local, only=[*mine, f"rng/rank_{rank}.json"])
             self.engine.load_state(str(local / "state"))
             set_rng_state(json.loads((local / f"rng/rank_{rank}.json").read_text()))
-        finally:
-            shutil.rmtree(local, ignore_errors=True)
         source: dict[str, Any] = {"data_position": m["data_position"]}
         if "online.json" in m["files"]:
             with fsspec.open(f"{resumed.path.rstrip('/')}/online.json", "r") as f:
@@ -137,7 +132,7 @@ class MetricsSink:
         from tensorboardX import SummaryWriter
 
         self.run_dir = run_dir.rstrip("/")
-        self.local = Path(tempfile.mkdtemp(prefix="passn-metrics-"))
+        self.local = scratch_dir("metrics")
         fs, root = fsspec.core.url_to_fs(f"{self.run_dir}/metrics.jsonl")
         if fs.exists(root):
             fs.get_file(root, str(self.local / "metrics.jsonl"))

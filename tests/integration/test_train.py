@@ -2,8 +2,10 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -26,10 +28,21 @@ def short(*overrides):
     return load_config(TINY, [*SHORT, *overrides])
 
 
+LEFT_BEHIND: list[str] = []  # passn's scratch folders the CE run left in its temp dir
+
+
 @pytest.fixture(scope="module")
 def ce_run(tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("ce"))
-    return run_dir, run_training(short(), run_dir)
+    # the run's own temp dir (driver, Ray and its workers): short, as Ray's socket paths must be
+    tmp = tempfile.mkdtemp(prefix="ce-tmp-")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TMPDIR", tmp)
+        env.setattr("tempfile.tempdir", tmp)
+        metrics = run_training(short(), run_dir)
+    LEFT_BEHIND.extend(sorted(p for p in os.listdir(tmp) if p.startswith("passn-")))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return run_dir, metrics
 
 
 # DCO with N' = 1 against CE and the refill's golden losses run in one process, without Ray:
@@ -42,6 +55,7 @@ def test_ce_run_writes_valid_checkpoints_metrics_and_evaluations(ce_run, golden)
     assert [m["step"] for m in metrics] == list(range(1, 17))
     assert all(m["sequences"] == 32 and m["dropped"] == 0 and m["weight_mean"] == 1.0 for m in metrics)
     assert metrics[-1]["loss"] < metrics[0]["loss"]
+    assert LEFT_BEHIND == []  # staging, resume, metrics and Ray's storage folders: all removed
     newest = ckpt.newest_valid_checkpoint(run_dir, warn=lambda m: pytest.fail(m))
     assert newest.step == 16 and newest.manifest["data_position"] == {"epoch": 2, "cursor": 0}
     files = newest.manifest["files"]
