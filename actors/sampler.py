@@ -27,6 +27,7 @@ from typing import Any
 
 import ray
 
+from passn.deadlines import DeadlinePassed
 from passn.sampling import Completion, Skipped, Work, plan_work, prompt_seed
 from passn.weight_push import SharedWeights
 
@@ -271,7 +272,8 @@ class SamplerPool:
                  cpus_per_actor: float = 0.5, gpus_per_actor: float = 0.0, prompts_per_unit: int = 64,
                  max_samples_per_request: int = 256, retry_deadline_s: float = 600.0,
                  unit_timeout_s: float | None = None, version: int = 0, scheduling_strategy: Any = None,
-                 sleep_when_idle: bool = False, start_timeout_s: float | None = None) -> None:
+                 sleep_when_idle: bool = False, start_timeout_s: float | None = None,
+                 retry_timed_out: bool = True) -> None:
         if kv_cache_bytes is None:  # vLLM's KV cache per actor: small on the CPU, room for big batches on a GPU
             kv_cache_bytes = (4 << 30) if gpus_per_actor > 0 else (64 << 20)
         env = {**ENGINE_ENV, **{k: os.environ[k] for k in (FAULT_ENV, HANG_ENV, SLOW_RESTART_ENV) if k in os.environ}}
@@ -289,14 +291,15 @@ class SamplerPool:
         self.version, self.backend = version, backend
         self.prompts_per_unit, self.max_samples = prompts_per_unit, max_samples_per_request
         self.retry_deadline_s, self.unit_timeout_s = retry_deadline_s, unit_timeout_s
+        self.retry_timed_out = retry_timed_out  # False: a unit past unit_timeout_s raises DeadlinePassed
         up = [a.state.remote() for a in self.actors]
         _, pending = ray.wait(up, num_returns=len(up), timeout=start_timeout_s)
         if pending:  # e.g. no node with the requested resources free: never wait forever
             for actor in self.actors:
                 ray.kill(actor)
-            raise TimeoutError(f"{len(pending)} of {num_actors} sampler actors ({options['num_cpus']} CPU, "
-                               f"{options['num_gpus']} GPU each) not up after {start_timeout_s} s: are those resources "
-                               "free on the node they are pinned to?")
+            raise DeadlinePassed(f"{len(pending)} of {num_actors} sampler actors ({options['num_cpus']} CPU, "
+                                 f"{options['num_gpus']} GPU each; are those resources free on the node they are "
+                                 "pinned to?)", start_timeout_s or 0.0)
         ray.get(up)  # engines are up (or their errors)
 
     def generate(self, prompts: Sequence[str], samples_per_prompt: int, temperature: float, max_new_tokens: int,
@@ -305,7 +308,8 @@ class SamplerPool:
 
         A unit whose actor dies, or that runs past ``unit_timeout_s`` (its actor is then killed and
         restarted), is re-run on the next actor once the actors are back; a unit still failing
-        ``retry_deadline_s`` after its first failure is given up (an error).
+        ``retry_deadline_s`` after its first failure is given up (an error). With
+        ``retry_timed_out=False`` a unit past ``unit_timeout_s`` raises :class:`DeadlinePassed` instead.
         """
         if temperature == 0 and samples_per_prompt != 1:
             raise ValueError("greedy decoding (temperature 0) gives one completion per prompt")
@@ -327,6 +331,9 @@ class SamplerPool:
             while running:
                 wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
                 ready, _ = ray.wait(list(running), num_returns=1, timeout=wait_s)
+                if not ready and not self.retry_timed_out:
+                    raise DeadlinePassed(f"sampling unit {min(u for u, _ in running.values())} (of "
+                                         f"{len(units)}, on its sampler actor)", self.unit_timeout_s or 0.0)
                 if not ready:  # past the deadline: restart the actors still busy, re-run their units
                     for ref, (u, actor) in running.items():
                         ray.kill(actor, no_restart=False)

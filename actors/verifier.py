@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import ray
 
+from passn.deadlines import DeadlinePassed
 from passn.verify import AnswerChecker, Mode, Verdict, normalise_unicode
 
 
@@ -26,10 +27,12 @@ class VerifierActor:
 
 class VerifierPool:
     def __init__(self, num_actors: int = 1, mode: Mode = "symbolic", timeout_s: float = 2.0,
-                 memory_mb: int = 2048, cpus_per_actor: float = 0.25) -> None:
+                 memory_mb: int = 2048, cpus_per_actor: float = 0.25, call_timeout_s: float | None = None) -> None:
+        """``timeout_s`` bounds one check; ``call_timeout_s`` one ``check_many`` (past it: DeadlinePassed)."""
         self.actors = [VerifierActor.options(num_cpus=cpus_per_actor).remote(mode, timeout_s, memory_mb)
                        for _ in range(num_actors)]
         self.cache: dict[tuple[str, str], Verdict] = {}
+        self.call_timeout_s = call_timeout_s
 
     def check_many(self, pairs: Sequence[tuple[str | None, str]]) -> list[Verdict]:
         keys = [(normalise_unicode(p) if p else "", normalise_unicode(r)) for p, r in pairs]
@@ -37,7 +40,11 @@ class VerifierPool:
         if todo:
             shards = [todo[i :: len(self.actors)] for i in range(len(self.actors))]
             refs = [a.check_many.remote(s) for a, s in zip(self.actors, shards) if s]
-            for shard, verdicts in zip([s for s in shards if s], ray.get(refs)):
+            try:
+                answered = ray.get(refs, timeout=self.call_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                raise DeadlinePassed(f"the verifier pool ({len(todo)} answer checks)", self.call_timeout_s or 0.0) from None
+            for shard, verdicts in zip([s for s in shards if s], answered):
                 self.cache.update(zip(shard, verdicts))
         return [self.cache[k] for k in keys]
 

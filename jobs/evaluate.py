@@ -25,7 +25,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -34,6 +33,8 @@ import numpy as np
 from passn import checkpoint as ckpt
 from passn import coverage, results
 from passn.config import ConfigError, RunConfig, load_config
+from passn.deadlines import DeadlinePassed
+from passn.scratch import sweep_stale
 from passn.tasks import DataError, MathTask
 
 PROBLEMS_FILE, SUMMARY_FILE = "problems.jsonl", "summary.json"
@@ -130,6 +131,11 @@ class Source:
     backend: str = "vllm"
     concurrency: int = 8
     gpus_per_sampler: float | None = None  # None: the cluster's GPUs split among the samplers
+    # deadlines (s): sampler actors up; one sampling unit (checkpoint) or one request with its retries
+    # (endpoint); one batch of answer checks on the verifier pool. Past one: DeadlinePassed
+    start_timeout_s: float = 900.0
+    sample_timeout_s: float = 600.0
+    verify_timeout_s: float = 600.0
 
     def describe(self) -> dict[str, Any]:
         return {"checkpoint": self.checkpoint} if self.checkpoint else {"endpoint": self.endpoint, "model": self.model}
@@ -175,6 +181,7 @@ def run_evaluation(source: Source | str, cfg: RunConfig, samples: int, out: str,
         model_dir, manifest = resolve_checkpoint(given)
         source = dataclasses.replace(source, checkpoint=model_dir)
     out = absolute_path(out)  # type: ignore[assignment]
+    sweep_stale()
     task = build_task(cfg, tokenizer=_prompt_tokenizer(source, cfg))
     problems = task.problems("test")[:limit]
     _check_unique(problems)
@@ -190,15 +197,18 @@ def run_evaluation(source: Source | str, cfg: RunConfig, samples: int, out: str,
     with ray_session() if needs_ray else contextlib.nullcontext():
         pool = verifier = None
         try:
-            pool = make_sampler(source, cfg)
-            verifier = VerifierPool(mode=cfg.task.answer_check) if isinstance(task, MathTask) else None
+            with _knob("--start-timeout" if source.checkpoint is not None else "--sample-timeout"):
+                pool = make_sampler(source, cfg)
+            verifier = VerifierPool(mode=cfg.task.answer_check, call_timeout_s=source.verify_timeout_s) \
+                if isinstance(task, MathTask) else None
             bar = tqdm(total=len(problems), initial=len(done), desc="problems", unit="problem", file=sys.stdout)
             for start in range(0, len(todo), batch_problems):
                 batch = todo[start : start + batch_problems]
                 prompts = [task.prompt(p) for p in batch]
-                sampled, skipped = pool.generate(prompts, samples, cfg.sampling.temperature, cfg.sampling.max_new_tokens,
-                                                 seed=cfg.sampling.seed + len(done) + start)
-                greedy, _ = pool.generate(prompts, 1, 0.0, cfg.sampling.max_new_tokens)
+                with _knob("--sample-timeout"):
+                    sampled, skipped = pool.generate(prompts, samples, cfg.sampling.temperature,
+                                                     cfg.sampling.max_new_tokens, seed=cfg.sampling.seed + len(done) + start)
+                    greedy, _ = pool.generate(prompts, 1, 0.0, cfg.sampling.max_new_tokens)
                 by_prompt = collections.defaultdict(list)
                 for c in sampled:
                     by_prompt[c.prompt_index].append(c)
@@ -212,7 +222,8 @@ def run_evaluation(source: Source | str, cfg: RunConfig, samples: int, out: str,
                     texts = [c.text for c in by_prompt[i]] + [greedy_by[i].text]
                     answers = [task.extract(t) for t in texts]
                     if verifier is not None:  # math-verify on Ray actors, one cache for the whole run
-                        verdicts = verifier.check_many([(a, problem.answer) for a in answers])
+                        with _knob("--verify-timeout"):
+                            verdicts = verifier.check_many([(a, problem.answer) for a in answers])
                     else:
                         verdicts = task.check_many([problem] * len(texts), texts)
                     ok = [v.correct for v in verdicts]
@@ -237,13 +248,23 @@ def run_evaluation(source: Source | str, cfg: RunConfig, samples: int, out: str,
     return summary
 
 
+@contextlib.contextmanager
+def _knob(flag: str):
+    """A deadline passed inside names the flag that sets it."""
+    try:
+        yield
+    except DeadlinePassed as exc:
+        exc.knob = exc.knob or flag
+        raise
+
+
 def make_sampler(source: Source, cfg: RunConfig):
     """A SamplerPool on the (already resolved) model folder, or an EndpointSampler on the served model."""
     if source.endpoint is not None:
         from passn.client import EndpointSampler
 
         return EndpointSampler(source.endpoint, source.model or "", api_key=source.api_key,
-                               concurrency=source.concurrency)
+                               concurrency=source.concurrency, timeout_s=source.sample_timeout_s)
     from actors.sampler import SamplerPool, gpus_per_actor_here
 
     from passn.models import folder_limits
@@ -257,20 +278,20 @@ def make_sampler(source: Source, cfg: RunConfig):
         local = fetch_model_folder(model_dir)
     gpus = gpus_per_actor_here(source.samplers) if source.gpus_per_sampler is None else source.gpus_per_sampler
     return SamplerPool(local, num_actors=source.samplers, backend=source.backend, max_model_len=max_len,
-                       dtype=dtype, seed=cfg.sampling.seed, gpus_per_actor=gpus, start_timeout_s=900)
+                       dtype=dtype, seed=cfg.sampling.seed, gpus_per_actor=gpus, start_timeout_s=source.start_timeout_s,
+                       unit_timeout_s=source.sample_timeout_s, retry_timed_out=False)
 
 
 def _write_plots(summary: dict[str, Any], out: str) -> None:
-    import tempfile
-
     from passn import plots
+    from passn.scratch import scratch
 
-    local = Path(tempfile.mkdtemp(prefix="passn-plots-"))
-    curves = {"unbiased": {int(k): v for k, v in summary["pass_at_k"].items()},
-              "chunked (paper)": {int(k): v for k, v in summary.get("pass_at_k_chunked", {}).items()}}
-    plots.plot_pass_at_k(curves, str(local / "pass_at_k.png"))
-    plots.plot_confidence(summary["greedy"], str(local / "greedy_confidence.png"))
-    ckpt.upload_tree(local, out)
+    with scratch("plots") as local:
+        curves = {"unbiased": {int(k): v for k, v in summary["pass_at_k"].items()},
+                  "chunked (paper)": {int(k): v for k, v in summary.get("pass_at_k_chunked", {}).items()}}
+        plots.plot_pass_at_k(curves, str(local / "pass_at_k.png"))
+        plots.plot_confidence(summary["greedy"], str(local / "greedy_confidence.png"))
+        ckpt.upload_tree(local, out)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -295,6 +316,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus-per-sampler", type=float, default=None,
                    help="with --checkpoint: GPU share of each sampler actor (default: the cluster's GPUs split "
                         "among the samplers, at most 1 each; 0 on a cluster without GPUs)")
+    deadlines = p.add_argument_group("deadlines (past one, evaluate stops with exit 2, keeping every problem "
+                                     "written: run it again to resume)")
+    deadlines.add_argument("--sample-timeout", type=float, default=600.0, metavar="S",
+                           help="seconds one sampling unit may run on a sampler actor (--checkpoint), or one "
+                                "request to the endpoint may take, its retries of 429/5xx included (--endpoint); "
+                                "default 600")
+    deadlines.add_argument("--start-timeout", type=float, default=900.0, metavar="S",
+                           help="with --checkpoint: seconds the sampler actors may take to start; default 900")
+    deadlines.add_argument("--verify-timeout", type=float, default=600.0, metavar="S",
+                           help="seconds one batch of answer checks may take on the verifier pool (MATH); default 600")
     p.set_defaults(run=main_with_args)
 
 
@@ -311,12 +342,20 @@ def main_with_args(args: argparse.Namespace) -> int:
     try:
         if args.endpoint and not args.model:
             raise ValueError("--endpoint needs --model ID (GET /v1/models lists the ids)")
+        for flag in ("sample_timeout", "start_timeout", "verify_timeout"):
+            if not getattr(args, flag) > 0:
+                raise ValueError(f"--{flag.replace('_', '-')} ({getattr(args, flag)}) must be a positive number of seconds")
         cfg = load_config(args.config, args.set)
         samples = args.samples or cfg.evaluation.samples_per_problem
         source = Source(checkpoint=args.checkpoint, endpoint=args.endpoint, model=args.model, samplers=args.samplers,
                         backend=args.backend, concurrency=args.concurrency, gpus_per_sampler=args.gpus_per_sampler,
-                        api_key=_api_key(args) if args.endpoint else None)
+                        api_key=_api_key(args) if args.endpoint else None, start_timeout_s=args.start_timeout,
+                        sample_timeout_s=args.sample_timeout, verify_timeout_s=args.verify_timeout)
         summary = run_evaluation(source, cfg, samples, args.out, limit=args.limit)
+    except DeadlinePassed as exc:
+        print(f"passn evaluate: {exc}; the problems evaluated so far are kept in {args.out} (run again to resume)",
+              file=sys.stderr)
+        return 2
     except (ConfigError, DataError, ckpt.CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"passn evaluate: {exc}", file=sys.stderr)
         return 2

@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import fsspec
 
 from jobs.cluster import path_exists
 from passn import results, sweeps
+from passn.scratch import scratch
 
 
 
@@ -119,23 +118,23 @@ def write_report(directories: list[str], out: str, epoch: int | None = None) -> 
     front = sweeps.frontier(rows, epoch)
     report = {"table": [{k: r[k] for k in ("trial", "objective", "budget", "seed", "epoch", "k", "pass_at_k")}
                         for r in rows], "frontier": front}
-    local = Path(tempfile.mkdtemp(prefix="passn-frontier-"))
-    (local / "frontier.json").write_text(json.dumps(report, indent=1))
-    (local / "report.md").write_text(f"# pass@N frontier\n\nInputs: {', '.join(directories)}\n\n"
-                                     + sweeps.markdown_report(rows, front) + "\n")
-    chosen = sweeps.last_epoch_rows(rows) if epoch is None else [r for r in rows if r["epoch"] == epoch]
-    curves: dict[str, dict[int, float]] = {}
-    for r in chosen:
-        curves.setdefault(r["trial"], {})[r["k"]] = r["pass_at_k"]
-    plots.plot_frontier(curves, front, str(local / "frontier.png"))
-    for d in directories:
-        for name, trial_dir in _trial_dirs(d).items():
-            summaries = sweeps.read_epoch_summaries(trial_dir) if path_exists(f"{trial_dir}/eval") else []
-            if summaries:
-                picks = sorted({0, len(summaries) // 3, 2 * len(summaries) // 3, len(summaries) - 1})
-                plots.plot_confidence_by_epoch([summaries[i] for i in picks], str(local / f"confidence_{name}.png"),
-                                               f"{name}: greedy confidence on the test set")
-    ckpt.upload_tree(local, out)
+    with scratch("frontier") as local:
+        (local / "frontier.json").write_text(json.dumps(report, indent=1))
+        (local / "report.md").write_text(f"# pass@N frontier\n\nInputs: {', '.join(directories)}\n\n"
+                                         + sweeps.markdown_report(rows, front) + "\n")
+        chosen = sweeps.last_epoch_rows(rows) if epoch is None else [r for r in rows if r["epoch"] == epoch]
+        curves: dict[str, dict[int, float]] = {}
+        for r in chosen:
+            curves.setdefault(r["trial"], {})[r["k"]] = r["pass_at_k"]
+        plots.plot_frontier(curves, front, str(local / "frontier.png"))
+        for d in directories:
+            for name, trial_dir in _trial_dirs(d).items():
+                summaries = sweeps.read_epoch_summaries(trial_dir) if path_exists(f"{trial_dir}/eval") else []
+                if summaries:
+                    picks = sorted({0, len(summaries) // 3, 2 * len(summaries) // 3, len(summaries) - 1})
+                    plots.plot_confidence_by_epoch([summaries[i] for i in picks], str(local / f"confidence_{name}.png"),
+                                                   f"{name}: greedy confidence on the test set")
+        ckpt.upload_tree(local, out)
     return report
 
 

@@ -32,7 +32,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -41,6 +40,7 @@ import fsspec
 from passn import results, sweeps
 from passn.config import (ConfigError, ObjectiveConfig, config_hash, load_config, load_config_text,
                           objective_field_applies)
+from passn.scratch import scratch
 
 
 def ignored_by(kind: str, field: str) -> str | None:
@@ -231,7 +231,7 @@ def run_sweep(spec: dict[str, Any], run_dir: str, max_failures: int = 2, address
           f"{' (skipped)' if finished else ''}, {len(todo)} to run", flush=True)
     if todo:
         first = trial_config(spec, todo[0]).resources
-        with ray_session(address, num_cpus=max(2, os.cpu_count() or 2)):
+        with scratch("tune") as storage, ray_session(address, num_cpus=max(2, os.cpu_count() or 2)):
             total = ray.cluster_resources()
             per_cpu = first.num_workers * first.cpus_per_worker
             per_gpu = first.num_workers * first.gpus_per_worker
@@ -245,7 +245,7 @@ def run_sweep(spec: dict[str, Any], run_dir: str, max_failures: int = 2, address
                 tune.with_resources(_tune_trial, {"cpu": 0, "memory": 1 << 20}),
                 param_space={"spec": spec, "run_dir": run_dir, "trial": tune.grid_search(todo)},
                 tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=False),
-                run_config=tune.RunConfig(name="sweep", storage_path=tempfile.mkdtemp(prefix="passn-tune-"),
+                run_config=tune.RunConfig(name="sweep", storage_path=str(storage),
                                           failure_config=tune.FailureConfig(max_failures=max_failures),
                                           callbacks=[progress.callback()], verbose=0),
             )

@@ -2,8 +2,9 @@
 
 The driver: it checks everything that can fail on bad input before any worker starts, writes the
 run's ``config.yaml``, and runs :func:`trainer.loop.train` on every Ray Train worker. A run directory
-that already holds checkpoints is resumed from the newest one whose manifest verifies, also when
-Ray Train's FailureConfig restarts a failed worker group.
+that already holds checkpoints is resumed from the newest one whose manifest verifies (chosen here,
+before Ray starts; a worker group Ray Train's FailureConfig restarts resumes from the newest one
+this run wrote since).
 
     passn train configs/tiny.yaml --run-dir runs/ce
     passn train configs/tiny.yaml --run-dir runs/dco --set objective.kind=dco --set objective.budget=64
@@ -12,10 +13,10 @@ Ray Train's FailureConfig restarts a failed worker group.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
-import tempfile
 from typing import Any
 
 import fsspec
@@ -27,9 +28,10 @@ from passn.config import ConfigError, RunConfig, load_config, to_yaml
 from passn.data import encode_examples
 from passn import pretrained
 from passn.models import check_safetensors_weights, load_tokenizer
+from passn.scratch import scratch, sweep_stale
 from passn.tasks import DataError, build_task, held_out_problems
 from trainer.loop import FAULT_ENV, fault_marker  # noqa: F401  (the fault hook the tests set)
-from trainer.state import check_resumable, read_metrics  # noqa: F401  (public from here for tests and jobs)
+from trainer.state import check_resumable, read_metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,7 +47,11 @@ def check_before_training(cfg: RunConfig, run_dir: str) -> None:
     if cfg.objective.whole_proof and cfg.task.kind != "coq":
         raise ConfigError("objective.whole_proof needs a task made of proofs (the Coq task); the "
                           f"{cfg.task.kind} task has single-step examples: set objective.whole_proof = false")
-    tokenizer, limit = load_tokenizer(cfg.model)  # the driver never loads the weights
+    try:
+        tokenizer, limit = load_tokenizer(cfg.model)  # the driver never loads the weights
+    except FileNotFoundError as exc:  # local or s3://: nothing there
+        raise ConfigError(f"model.path: {cfg.model.path!r} is not there ({exc}): set it to a Hugging Face model "
+                          "folder (local or s3://) or pretrained:NAME") from None
     if cfg.model.path and not cfg.model.path.startswith(pretrained.SCHEME):  # passn converts those itself
         check_safetensors_weights(cfg.model.path)
     ckpt.check_state_files(run_dir)  # a file no worker would load: refused here, not once per Ray Train retry
@@ -59,6 +65,15 @@ def check_before_training(cfg: RunConfig, run_dir: str) -> None:
                 raise ConfigError(f"training problem {problem.uid}: its prompt and sampling.max_new_tokens "
                                   f"({cfg.sampling.max_new_tokens}) make {length} tokens, above the model's {limit}: "
                                   "lower sampling.max_new_tokens")
+
+
+def choose_resume(cfg: RunConfig, run_dir: str) -> ckpt.ResumePlan:
+    """The checkpoint to resume from, chosen once here (each one's files hashed once, not per rank
+    and per retry): the newest that verifies, trained under the same training fields."""
+    plan = ckpt.plan_resume(run_dir)
+    if plan.path is not None:
+        check_resumable(ckpt.verify_checkpoint(plan.path, hashes=False).manifest, cfg, run_dir)
+    return plan
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,9 +90,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from trainer.loop import train
 
     cfg = RunConfig.model_validate(loop_config["config"])
+    sweep_stale()  # on this node: e.g. the folders of a worker killed in the attempt before this one
     torch.set_num_threads(cfg.resources.threads_per_worker)
     device = ray.train.torch.get_device()
-    train(cfg, loop_config["run_dir"], TorchDistributed(device), device, report=ray.train.report)
+    train(cfg, loop_config["run_dir"], TorchDistributed(device), device, report=ray.train.report,
+          resume=ckpt.ResumePlan(**loop_config["resume"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,20 +127,24 @@ def run_training(cfg: RunConfig, run_dir: str, address: str | None = None) -> li
     if cfg.model.path:
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": absolute_path(cfg.model.path)})})
     check_before_training(cfg, run_dir)
+    resume = choose_resume(cfg, run_dir)
     fs, root = fsspec.core.url_to_fs(run_dir)
     fs.makedirs(root, exist_ok=True)
     with fs.open(f"{root}/config.yaml", "w") as f:
         f.write(to_yaml(cfg))
-    with ray_session(address, log_to_driver=True, num_cpus=local_cpus(cfg)):
+    sweep_stale()  # scratch folders of runs killed before they could remove them
+    # Ray Train's own storage (passn keeps nothing there): removed after Ray shuts down
+    with scratch("ray") as storage, ray_session(address, log_to_driver=True, num_cpus=local_cpus(cfg)):
         r = cfg.resources
         use_gpu = r.gpus_per_worker > 0
         resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
         trainer = TorchTrainer(
             train_loop,
-            train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": run_dir},
+            train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": run_dir,
+                               "resume": dataclasses.asdict(resume)},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=600),
             scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-            run_config=RayRunConfig(name="train", storage_path=tempfile.mkdtemp(prefix="passn-ray-"),
+            run_config=RayRunConfig(name="train", storage_path=str(storage),
                                     failure_config=FailureConfig(max_failures=r.max_failures)),
         )
         trainer.fit()

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from passn import checkpoint as ckpt
 from passn import objectives
 from passn.batches import ONLINE_KINDS, BatchSource, TrainBatch, make_batches, steps_total, weighted_loss
 from passn.collective import Collective
@@ -131,8 +132,10 @@ class Run:
             self.sink.close()
 
 
-def build(cfg: RunConfig, run_dir: str, collective: Collective, device: torch.device, say=print) -> Run:
-    """Model, data, engine, batch source and training state, resumed from the newest valid checkpoint."""
+def build(cfg: RunConfig, run_dir: str, collective: Collective, device: torch.device, say=print,
+          resume: ckpt.ResumePlan | None = None) -> Run:
+    """Model, data, engine, batch source and training state, resumed from the driver's choice
+    (``resume``; without one, from the newest valid checkpoint)."""
     rank, world = collective.rank, collective.world
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
@@ -160,17 +163,17 @@ def build(cfg: RunConfig, run_dir: str, collective: Collective, device: torch.de
                            sampler=sampler, proof_of=proofs)
     sink = MetricsSink(run_dir) if rank == 0 else None
     state = TrainingState(cfg, run_dir, engine, tokenizer, batches, collective, sink)
-    state.restore(say)
+    state.restore(say, resume)
     return Run(cfg, collective, device, engine, batches, state, evaluate, stream, micro, pad,
                steps_total(cfg, len(examples)), sampler, sink)
 
 
 def train(cfg: RunConfig, run_dir: str, collective: Collective, device: torch.device,
-          report: Callable[[dict[str, Any]], None] | None = None) -> None:
-    """Train ``cfg`` into ``run_dir`` on this worker (resuming from its newest valid checkpoint).
+          report: Callable[[dict[str, Any]], None] | None = None, resume: ckpt.ResumePlan | None = None) -> None:
+    """Train ``cfg`` into ``run_dir`` on this worker (resuming from the driver's choice ``resume``).
     ``report``: called with the step's numbers at each checkpoint (Ray Train's own record)."""
     say = print if collective.rank == 0 else (lambda *a, **k: None)
-    run = build(cfg, run_dir, collective, device, say)
+    run = build(cfg, run_dir, collective, device, say, resume)
     state, stream, size = run.state, run.stream, cfg.optim.sequences_per_step
     last_saved, last_evaluated = state.step, int(stream.epoch)
     run.engine.module.train()

@@ -23,7 +23,6 @@ It is the :class:`passn.batches.Sampler` that DCOa's and Dr. GRPO's batch source
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,6 +37,7 @@ from passn.config import RunConfig
 from passn.data import Example
 from passn.online import Estimate, MonteCarloCache, Rollout
 from passn.sampling import engine_kv_cache_bytes, group_by_prompt, kv_bytes_per_token
+from passn.scratch import scratch_dir
 from passn.weight_push import SharedWeights
 from trainer.engines import export_weights, named_weights
 
@@ -61,7 +61,7 @@ class OnlineSampler:
         self.cache = MonteCarloCache()  # dcoa
         self.rollouts: dict[int, list[Rollout]] = {}  # dr_grpo
         self.pool = self.verifier = None
-        self.folder = Path(tempfile.mkdtemp(prefix=f"passn-policy-rank{self.rank}-"))
+        self.folder = scratch_dir(f"policy-rank{self.rank}")
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="passn-prefetch")
         self.pending: tuple[Future, int] | None = None  # a background draw and its policy version
         self.origin: Path | None = None  # the folder the pool was created from: a restarted actor loads it

@@ -9,7 +9,7 @@ A checkpoint ``checkpoints/step_NNNNNNNN/`` holds:
     manifest.json     step, epoch, the batch source's stream position, the training fields, sha256 of every file
 
     state = TrainingState(cfg, run_dir, engine, tokenizer, batches, collective)
-    state.restore(say)      # from the newest checkpoint whose manifest verifies, if any
+    state.restore(say, plan)  # from the driver's choice (passn.checkpoint.plan_resume), if any
     state.save(epoch_end=True)
 """
 
@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -28,6 +26,7 @@ import torch
 
 from passn import checkpoint as ckpt
 from passn.collective import Collective
+from passn.scratch import scratch, scratch_dir
 from passn.config import ConfigError, RunConfig, config_hash, training_differences, training_fields, training_hash
 from trainer.engines import export_weights
 
@@ -72,19 +71,18 @@ class TrainingState:
     def save(self, epoch_end: bool) -> None:
         """Checkpoint ``step`` into the run dir (every worker calls it: shards and collectives)."""
         c = self.collective
-        local = Path(tempfile.mkdtemp(prefix="passn-ckpt-"))
-        self.engine.save_state(str(local / "state"))
-        (local / "rng").mkdir()
-        (local / "rng" / f"rank_{c.rank}.json").write_text(json.dumps(rng_state()))
-        export_weights(self.engine, self.tokenizer, self.cfg, str(local / "model"), here=c.rank == 0)
-        self.batches.settle()
-        source = self.batches.state()
-        if c.rank == 0 and "online" in source:
-            (local / "online.json").write_text(json.dumps(source["online"]))
-        remote = ckpt.checkpoint_dir(self.run_dir, self.step)
-        ckpt.upload_tree(local, remote)
-        files = c.gather(ckpt.digest_tree(local))
-        shutil.rmtree(local, ignore_errors=True)
+        with scratch("ckpt") as local:
+            self.engine.save_state(str(local / "state"))
+            (local / "rng").mkdir()
+            (local / "rng" / f"rank_{c.rank}.json").write_text(json.dumps(rng_state()))
+            export_weights(self.engine, self.tokenizer, self.cfg, str(local / "model"), here=c.rank == 0)
+            self.batches.settle()
+            source = self.batches.state()
+            if c.rank == 0 and "online" in source:
+                (local / "online.json").write_text(json.dumps(source["online"]))
+            remote = ckpt.checkpoint_dir(self.run_dir, self.step)
+            ckpt.upload_tree(local, remote)
+            files = c.gather(ckpt.digest_tree(local))
         if c.rank == 0:
             merged = {k: v for per_rank in files for k, v in per_rank.items()}
             ckpt.write_manifest(remote, merged, step=self.step, epoch=self.batches.stream.progress, epoch_end=epoch_end,
@@ -96,15 +94,16 @@ class TrainingState:
                 self.sink.flush()
         c.barrier()
 
-    def restore(self, say=print) -> bool:
-        """Load the newest checkpoint whose manifest verifies; False when there is none."""
-        resumed = ckpt.newest_valid_checkpoint(self.run_dir, warn=say)
+    def restore(self, say=print, plan: ckpt.ResumePlan | None = None) -> bool:
+        """Load the checkpoint the driver chose (``plan``: passn.checkpoint.checkpoint_to_resume), or
+        without a plan the newest whose manifest verifies; False when there is none."""
+        resumed = ckpt.newest_valid_checkpoint(self.run_dir, warn=say) if plan is None else \
+            ckpt.checkpoint_to_resume(self.run_dir, plan, warn=say)
         if resumed is None:
             return False
         m, rank = resumed.manifest, self.collective.rank
         check_resumable(m, self.cfg, self.run_dir)
-        local = Path(tempfile.mkdtemp(prefix="passn-resume-"))
-        try:
+        with scratch("resume") as local:
             # this rank's ZeRO shards (stage 2 and 3 name them by rank), the shared state files, the model
             mine = [f for f in m["files"] if f.startswith(("state/", "model/")) and
                     ("zero_pp_rank_" not in f or f"zero_pp_rank_{rank}_" in f)]
@@ -114,8 +113,6 @@ class TrainingState:
             except ckpt.CheckpointError as exc:  # name the run dir's file, not this worker's copy
                 raise ckpt.CheckpointError(str(exc).replace(str(local), resumed.path)) from None
             set_rng_state(json.loads((local / f"rng/rank_{rank}.json").read_text()))
-        finally:
-            shutil.rmtree(local, ignore_errors=True)
         source: dict[str, Any] = {"data_position": m["data_position"]}
         if "online.json" in m["files"]:
             with fsspec.open(f"{resumed.path.rstrip('/')}/online.json", "r") as f:
@@ -138,7 +135,7 @@ class MetricsSink:
         from tensorboardX import SummaryWriter
 
         self.run_dir = run_dir.rstrip("/")
-        self.local = Path(tempfile.mkdtemp(prefix="passn-metrics-"))
+        self.local = scratch_dir("metrics")
         fs, root = fsspec.core.url_to_fs(f"{self.run_dir}/metrics.jsonl")
         if fs.exists(root):
             fs.get_file(root, str(self.local / "metrics.jsonl"))

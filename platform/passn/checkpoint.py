@@ -9,10 +9,12 @@ Layout of ``RUN_DIR/checkpoints/step_00000120/``:
                       sha256: written last, so a checkpoint without a valid manifest does not exist
 
 :func:`newest_valid_checkpoint` walks checkpoints newest first, verifies each manifest against
-the files, and names every one it has to skip. The manifest is an integrity check against
-corruption, not a signature: whoever can write the files can rewrite it. What keeps a written
-file from running code is that passn unpickles nothing beyond tensors, plain containers and
-:data:`TRAINING_STATE_GLOBALS` (:func:`check_state_files`; the trainer's weights-only loads).
+the files, and names every one it has to skip. ``passn train`` does this once, in the driver
+(:func:`plan_resume`), and its workers resume from that choice (:func:`checkpoint_to_resume`).
+The manifest is an integrity check against corruption, not a signature: whoever can write the
+files can rewrite it. What keeps a written file from running code is that passn unpickles nothing
+beyond tensors, plain containers and :data:`TRAINING_STATE_GLOBALS` (:func:`check_state_files`;
+the trainer's weights-only loads).
 """
 
 from __future__ import annotations
@@ -207,17 +209,64 @@ def newest_valid_checkpoint(run_dir: str, warn=print, hashes: bool = True) -> Ch
     Returns None when the run directory has no checkpoint folders at all; raises CheckpointError
     when it has some but none verifies (never a silent restart from scratch).
     """
+    plan = plan_resume(run_dir, warn, hashes)
+    return None if plan.path is None else verify_checkpoint(plan.path, hashes=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumePlan:
+    """What the driver found in a run dir before any worker started: the checkpoint to resume
+    from (None: a fresh start) and the newer ones it refused, each by the sha256 of its manifest
+    (None: it had none), so that a worker restarted later skips them unless they were written again."""
+
+    path: str | None
+    refused: dict[str, str | None] = dataclasses.field(default_factory=dict)
+
+
+def _manifest_sha(path: str) -> str | None:
+    fs, root = fsspec.core.url_to_fs(path)
+    try:
+        return hashlib.sha256(fs.cat_file(f"{root}/{MANIFEST}")).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def plan_resume(run_dir: str, warn=print, hashes: bool = True) -> ResumePlan:
+    """The newest checkpoint that verifies (every file's sha256 with ``hashes``), once, in the driver.
+
+    CheckpointError naming each checkpoint and why when the run dir has some and none verifies.
+    """
     candidates = list_checkpoints(run_dir)
+    refused: dict[str, str | None] = {}
     problems = []
     for path in candidates:
         try:
-            return verify_checkpoint(path, hashes=hashes)
+            return ResumePlan(verify_checkpoint(path, hashes=hashes).path, refused)
         except CheckpointError as exc:
             problems.append(str(exc))
+            refused[path] = _manifest_sha(path)
             warn(f"warning: skipping checkpoint {exc}")
     if candidates:
-        raise CheckpointError(f"{run_dir} has checkpoints but none verifies:\n  " + "\n  ".join(problems)
-                              + "\nmove them away (or use a new --run-dir) to start over")
+        raise CheckpointError(f"{run_dir}: no checkpoint verifies ({'; '.join(problems)}); move them away "
+                              "(or use a new --run-dir) to start over")
+    return ResumePlan(None)
+
+
+def checkpoint_to_resume(run_dir: str, plan: ResumePlan, warn=print) -> Checkpoint | None:
+    """On a worker: the driver's choice, or a checkpoint this run wrote after it (a worker group
+    restarted by Ray Train resumes from its newest); only those are hashed again."""
+    chosen = None if plan.path is None else plan.path.rstrip("/")
+    for path in list_checkpoints(run_dir):
+        if path == chosen:
+            return verify_checkpoint(path, hashes=False)  # hashed by the driver
+        if path in plan.refused and _manifest_sha(path) == plan.refused[path]:
+            continue  # refused by the driver and not written since
+        try:
+            return verify_checkpoint(path)
+        except CheckpointError as exc:
+            warn(f"warning: skipping checkpoint {exc}")
+    if chosen is not None:
+        raise CheckpointError(f"{chosen}: the checkpoint chosen to resume from is gone, and no newer one verifies")
     return None
 
 

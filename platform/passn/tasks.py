@@ -246,14 +246,21 @@ def iter_rows(source: str) -> Iterator[tuple[str, Any]]:
         for i, row in enumerate(table.to_pylist()):
             yield f"{source}:row {i + 1}", row
     elif name.endswith((".jsonl", ".json")):
-        with fs.open(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
+        with fs.open(path, "rb") as f:  # bytes, decoded line by line: a bad byte rejects its line alone
+            for lineno, raw in enumerate(f, start=1):
+                where = f"{source}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    yield where, Rejected(where, f"not UTF-8 (byte {raw[exc.start]:#04x} at column {exc.start + 1})",
+                                          raw.decode("utf-8", "replace").rstrip("\r\n"))
+                    continue
                 if not line.strip():
                     continue
                 try:
-                    yield f"{source}:{lineno}", json.loads(line)
+                    yield where, json.loads(line)
                 except json.JSONDecodeError as exc:
-                    yield f"{source}:{lineno}", Rejected(f"{source}:{lineno}", f"invalid JSON: {exc.msg}", line.rstrip("\n"))
+                    yield where, Rejected(where, f"invalid JSON: {exc.msg}", line.rstrip("\n"))
     else:
         raise DataError(f"{source}: unknown format; use .jsonl, .parquet or a save_to_disk folder")
 

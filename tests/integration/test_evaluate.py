@@ -1,13 +1,17 @@
-"""passn evaluate end to end on the synthetic task: vLLM sampling, verification, pass@k, resume."""
+"""passn evaluate end to end on the synthetic task: vLLM sampling, verification, pass@k, resume, a
+hung engine ended at the sampling deadline."""
 
 import json
 import math
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from actors.sampler import HANG_ENV
 from jobs.train import run_training
 from passn import checkpoint as ckpt
 from passn.config import load_config
@@ -24,14 +28,24 @@ def test_evaluate_samples_verifies_and_resumes(tmp_path):
     checkpoint = ckpt.newest_valid_checkpoint(run_dir).path
     out = tmp_path / "eval"
 
-    def evaluate(limit):
+    def evaluate(limit, *extra, env=None):
         return subprocess.run([sys.executable, "-m", "jobs.cli", "evaluate", "--checkpoint", checkpoint,
                                "--config", TINY, "--set", "task.synthetic.num_train=256",
                                "--set", "task.synthetic.num_test=64", "--samples", "64", "--limit", str(limit),
-                               "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                               "--out", str(out), *extra], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                              env=env)
 
     first = evaluate(20)
     assert first.returncode == 0, first.stderr[-3000:]
+    # the engine hangs on its first request (the actor writes the marker, then sleeps an hour)
+    hang = tmp_path / "hang-marker"
+    hung = evaluate(40, "--backend", "transformers", "--sample-timeout", "5",
+                    env={**os.environ, HANG_ENV: str(hang)})
+    ended = time.time()
+    assert hung.returncode == 2, hung.stderr[-3000:]
+    assert "did not answer within 5s (--sample-timeout to change)" in hung.stderr
+    assert ended - hang.stat().st_mtime < 5 + 30  # the deadline, and the pool's and Ray's shutdown
+    assert len((out / "problems.jsonl").read_text().splitlines()) == 20  # what was written is kept
     second = evaluate(40)  # the first 20 problems are done: only 20 more are sampled
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming: 20 of 40 problems already evaluated" in second.stdout

@@ -18,12 +18,13 @@ def test_math_rows_from_s3_with_rejects_written_back(s3_server, monkeypatch):
         monkeypatch.setenv(key, value)
     fs = s3_server.filesystem()
     rows = [{"problem": "1+1?", "answer": "2"}, {"problem": "2+2?", "answer": "4"}, {"problem": ""}]
-    fs.pipe(f"{s3_server.bucket}/data/train.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    fs.pipe(f"{s3_server.bucket}/data/train.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode()
+            + b'{"problem": "\xff", "answer": "1"}\n')  # line 4: not UTF-8, a reject of its own
     url = f"s3://{s3_server.bucket}/data/train.jsonl"
     with pytest.raises(DataError, match=r"train.jsonl:3: field \"problem\" is missing"):
         load_math_problems(url, rejects_path=f"s3://{s3_server.bucket}/run/rejects.jsonl")
     rejected = fs.cat(f"{s3_server.bucket}/run/rejects.jsonl").decode().splitlines()
-    assert json.loads(rejected[0])["where"] == f"{url}:3"
+    assert [json.loads(r)["where"] for r in rejected] == [f"{url}:3", f"{url}:4"]
     task = MathTask(url, None, max_bad_fraction=0.5, rejects_dir=f"s3://{s3_server.bucket}/run2")
     assert [p.answer for p in task.problems("train")] == ["2", "4"]
     assert fs.exists(f"{s3_server.bucket}/run2/rejects-train.jsonl")

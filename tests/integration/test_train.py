@@ -2,8 +2,11 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -25,10 +28,21 @@ def short(*overrides):
     return load_config(TINY, [*SHORT, *overrides])
 
 
+LEFT_BEHIND: list[str] = []  # passn's scratch folders the CE run left in its temp dir
+
+
 @pytest.fixture(scope="module")
 def ce_run(tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("ce"))
-    return run_dir, run_training(short(), run_dir)
+    # the run's own temp dir (driver, Ray and its workers): short, as Ray's socket paths must be
+    tmp = tempfile.mkdtemp(prefix="ce-tmp-")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TMPDIR", tmp)
+        env.setattr("tempfile.tempdir", tmp)
+        metrics = run_training(short(), run_dir)
+    LEFT_BEHIND.extend(sorted(p for p in os.listdir(tmp) if p.startswith("passn-")))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return run_dir, metrics
 
 
 # DCO with N' = 1 against CE and the refill's golden losses run in one process, without Ray:
@@ -41,6 +55,7 @@ def test_ce_run_writes_valid_checkpoints_metrics_and_evaluations(ce_run, golden)
     assert [m["step"] for m in metrics] == list(range(1, 17))
     assert all(m["sequences"] == 32 and m["dropped"] == 0 and m["weight_mean"] == 1.0 for m in metrics)
     assert metrics[-1]["loss"] < metrics[0]["loss"]
+    assert LEFT_BEHIND == []  # staging, resume, metrics and Ray's storage folders: all removed
     newest = ckpt.newest_valid_checkpoint(run_dir, warn=lambda m: pytest.fail(m))
     assert newest.step == 16 and newest.manifest["data_position"] == {"epoch": 2, "cursor": 0}
     files = newest.manifest["files"]
@@ -115,6 +130,28 @@ def test_bad_config_or_data_fails_before_any_training(tmp_path):
     assert bad_rows.returncode == 2
     assert f"{data}:2: field \"answer\" is missing" in bad_rows.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b" / "checkpoints").exists()
+    # a run dir whose checkpoints all fail verification: refused by the driver, before Ray starts
+    corrupt = tmp_path / "corrupt"
+    for step in (4, 8):
+        remote = Path(ckpt.checkpoint_dir(str(corrupt), step))
+        (remote / "model").mkdir(parents=True)
+        (remote / "model" / "model.safetensors").write_bytes(b"weights")
+        ckpt.write_manifest(str(remote), ckpt.digest_tree(remote), step=step)
+        (remote / "model" / "model.safetensors").write_bytes(b"WEIGHTS")  # same size, other bytes
+    started = time.monotonic()
+    refused = train(TINY, "--run-dir", str(corrupt))
+    took = time.monotonic() - started
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.startswith(f"passn train: {corrupt}: no checkpoint verifies ({corrupt}/checkpoints/step_00000008: "
+                                     "model/model.safetensors does not match its sha256 in the manifest; "
+                                     f"{corrupt}/checkpoints/step_00000004: "), refused.stderr[-3000:]
+    assert "move them away (or use a new --run-dir) to start over" in refused.stderr
+    assert "Traceback" not in refused.stderr and "Ray" not in refused.stdout + refused.stderr, refused.stderr[-3000:]
+    assert took < 60, f"{took:.0f} s"  # before Ray starts: no cluster, no worker hashing every file
+    missing = train(TINY, "--run-dir", str(tmp_path / "c"), "--set", "model.tiny=null",
+                    "--set", f"model.path={tmp_path / 'no-such-model'}")
+    assert missing.returncode == 2 and missing.stderr.startswith("passn train: model.path: "), missing.stderr[-3000:]
+    assert "Ray" not in missing.stdout + missing.stderr
 
 
 def test_ddp_backend_resumes_after_a_killed_worker_with_identical_losses(tmp_path, monkeypatch):

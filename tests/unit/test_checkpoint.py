@@ -55,9 +55,32 @@ def test_a_corrupt_newest_checkpoint_is_named_and_skipped(tmp_path, damage):
 def test_no_valid_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     newest = make_checkpoint(tmp_path, 8)
     open(f"{newest}/model/model.safetensors", "wb").write(b"x")
-    with pytest.raises(ckpt.CheckpointError, match="none verifies"):
+    with pytest.raises(ckpt.CheckpointError, match=f"{tmp_path}: no checkpoint verifies \\({newest}: model/model"):
         ckpt.newest_valid_checkpoint(str(tmp_path), warn=lambda m: None)
     assert ckpt.newest_valid_checkpoint(str(tmp_path / "empty")) is None
+
+
+def test_workers_resume_from_the_drivers_choice_or_what_the_run_wrote_since(tmp_path):
+    make_checkpoint(tmp_path, 4)
+    bad = make_checkpoint(tmp_path, 8)
+    open(f"{bad}/model/model.safetensors", "wb").write(b"WEIGHTS")  # same size: only the hash tells
+    plan = ckpt.plan_resume(str(tmp_path), warn=lambda m: None)
+    assert plan.path.endswith("step_00000004") and list(plan.refused) == [bad]
+    # the driver hashed its choice: a worker does not (damage it now, and the worker does not notice)
+    open(f"{tmp_path}/checkpoints/step_00000004/model/model.safetensors", "wb").write(b"WEIGHTX")
+    assert ckpt.checkpoint_to_resume(str(tmp_path), plan, warn=pytest.fail).step == 4
+    # a restarted worker group: the refused step 8 is still skipped, a step 12 written since is taken
+    make_checkpoint(tmp_path, 12)
+    assert ckpt.checkpoint_to_resume(str(tmp_path), plan, warn=pytest.fail).step == 12
+    # step 8 written again by the run (a new manifest): taken once it verifies
+    import shutil
+
+    shutil.rmtree(f"{tmp_path}/checkpoints/step_00000012")
+    shutil.rmtree(bad)
+    shutil.rmtree(tmp_path / "staging")
+    make_checkpoint(tmp_path, 8, payload=b"weight2")
+    assert ckpt.checkpoint_to_resume(str(tmp_path), plan, warn=pytest.fail).step == 8
+    assert ckpt.plan_resume(str(tmp_path / "empty")) == ckpt.ResumePlan(None)
 
 
 def test_unsafe_paths_in_a_manifest_are_refused(tmp_path):

@@ -127,6 +127,19 @@ def test_malformed_rows_are_named_and_written_to_rejects(tmp_path):
     assert len(load_math_problems(path, max_bad_fraction=0.6, rejects_path=str(rejects))) == 2
 
 
+def test_a_line_that_is_not_utf8_is_a_reject_of_its_own(tmp_path):
+    path = write_jsonl(tmp_path / "bytes.jsonl", ROWS)
+    with open(path, "ab") as f:  # line 3: one Latin-1 byte (after the 16 of `{"problem": "caf`); line 4 good
+        f.write(b'{"problem": "caf\xe9?", "answer": "1"}\n{"problem": "3+3?", "answer": "6"}\n')
+    rejects = tmp_path / "rejects.jsonl"
+    with pytest.raises(DataError) as err:
+        load_math_problems(path, rejects_path=str(rejects))
+    assert f"{path}:3: not UTF-8 (byte 0xe9 at column 17)" in str(err.value) and "1 of 4 rows" in str(err.value)
+    [written] = [json.loads(line) for line in rejects.read_text().splitlines()]
+    assert written["where"] == f"{path}:3" and written["row"] == '{"problem": "caf\ufffd?", "answer": "1"}'
+    assert [p.answer for p in load_math_problems(path, max_bad_fraction=0.25)] == ["2", "\\frac{1}{2}", "6"]
+
+
 def test_missing_file_and_unknown_format(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         load_math_problems(str(tmp_path / "absent.jsonl"))
