@@ -21,6 +21,7 @@ answered 503 with ``Retry-After``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -67,8 +68,11 @@ class ModelServer:
         self.engine = VLLMEngine(fetch_model_folder(model_dir), max_model_len, kv_cache_bytes, dtype, seed=0,
                                  engine_process=True)
         self.tokenizer = self.engine.tokenizer
-        self.lock = asyncio.Lock()  # one engine call at a time (batches and health probes)
         self.complete.set_max_batch_size(max_batch_size)
+        self.watch_health(hang_timeout_s)
+
+    def watch_health(self, hang_timeout_s: float) -> None:
+        self.lock = asyncio.Lock()  # one engine call at a time (batches and health probes)
         self.hang_timeout_s = hang_timeout_s
         self.failure: str | None = None  # why the engine is dead, once it is
         self.last_ok = time.monotonic()  # when the last engine call finished
@@ -176,6 +180,15 @@ class ModelServer:
                 raise EngineUnavailable(f"a one-token probe did not finish within {self.hang_timeout_s:g} s: "
                                         "the engine hangs") from None
         return {"last_generation_s_ago": round(time.monotonic() - self.last_ok, 1)}
+
+    def __del__(self) -> None:
+        """Serve's replica shutdown: the engine's processes end with the replica (they outlive it
+        otherwise)."""
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
 
     async def check_health(self) -> None:
         """Ray Serve's periodic check: raising (three times in a row) makes Serve restart this replica."""
