@@ -46,8 +46,11 @@ class VLLMEngine:
     """An in-process vLLM engine (explicit KV-cache size; CUDA graphs on a GPU, eager on the CPU)."""
 
     def __init__(self, model_dir: str, max_model_len: int, kv_cache_bytes: int, dtype: str, seed: int,
-                 sleep_when_idle: bool = False, gpu_memory_utilization: float | None = None) -> None:
-        os.environ.update(ENGINE_ENV)
+                 sleep_when_idle: bool = False, gpu_memory_utilization: float | None = None,
+                 engine_process: bool = False) -> None:
+        # engine_process: vLLM's engine core in a child process (a server's engine that dies is then
+        # an EngineDeadError its replica can report, not the replica's own death)
+        os.environ.update({**ENGINE_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if engine_process else "0"})
         import torch
         from vllm import LLM
 

@@ -9,8 +9,11 @@
     client.completions.create(model="ce", prompt="...", n=8, logprobs=1, max_tokens=16, seed=0)
 
 Endpoints: ``POST /v1/completions``, ``GET /v1/models`` (both need ``Authorization: Bearer
-TOKEN``) and ``GET /health`` (open; runs a one-token generation on every model). Runs until SIGINT
-or SIGTERM, then deletes the application and stops the Ray cluster it started.
+TOKEN``) and ``GET /health`` (open and cheap: each model's last generation, or a one-token probe at
+most every few seconds). Runs until SIGINT or SIGTERM, then drains: new requests are answered 503
+with Retry-After while those already running finish (at most --drain-timeout seconds); then it
+closes its port, deletes the application and stops the Ray cluster it started. A second signal
+ends the drain at once.
 """
 
 from __future__ import annotations
@@ -81,6 +84,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queued", type=int, default=64, help="requests queued per model before 503")
     p.add_argument("--max-batch", type=int, default=16, help="requests batched into one engine call")
     p.add_argument("--request-timeout", type=float, default=120.0, help="seconds before a request is answered 504")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds that requests still running on SIGTERM/SIGINT may take to finish (default 30)")
     p.add_argument("--replicas", type=int, default=1, help="replicas per model")
     p.add_argument("--cpus-per-replica", type=float, default=0.5)
     p.add_argument("--gpus-per-replica", type=float, default=0.0)
@@ -115,10 +120,22 @@ def resolve_models(checkpoints: dict[str, str], kv_cache_mb: int, dtype: str | N
     models = {}
     for model_id, folder in checkpoints.items():
         model_dir = resolve_model_dir(absolute_path(folder))
+        require_safetensors(model_dir)
         max_len, saved_dtype = folder_limits(model_dir)
         models[model_id] = {"model_dir": model_dir, "max_model_len": max_len, "kv_cache_bytes": kv_cache_mb << 20,
                             "dtype": dtype or saved_dtype, "max_batch_size": max_batch}
     return models
+
+
+def require_safetensors(model_dir: str) -> None:
+    """A model folder (local or s3://) must hold ``*.safetensors`` weights: pickled weights
+    (``pytorch_model.bin``) are never loaded, and the engine would only fail later, inside Ray."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(model_dir)
+    if not fs.glob(f"{root.rstrip('/')}/*.safetensors"):
+        raise ValueError(f"{model_dir}: no *.safetensors weights (pickled weights such as pytorch_model.bin are "
+                         "refused): convert them with transformers' save_pretrained(..., safe_serialization=True)")
 
 
 def app_builder(args: dict[str, str]):
@@ -176,9 +193,45 @@ def serve_forever(models: dict, digest: str | None, limits, args: argparse.Names
               f"({'bearer token required' if digest else 'NO authentication'}); Ctrl-C or SIGTERM stops", flush=True)
         while not stop.wait(1.0):
             pass
-        print("passn serve: stopping", flush=True)
+        stop.clear()
+        print(f"passn serve: draining (new requests 503) for at most {args.drain_timeout:g} s", flush=True)
+        running = drain(serve.get_app_handle(APP_NAME), args.drain_timeout, stop)
+        print(f"passn serve: stopping ({'?' if running is None else running} requests still running)", flush=True)
+        if address is None:  # the port closes first: later clients see a refused connection, not a 404
+            close_proxies()
         serve.delete(APP_NAME)
         if address is None:
             serve.shutdown()
     print("passn serve: stopped", flush=True)
     return 0
+
+
+def drain(gateway, timeout_s: float, stop: threading.Event) -> int | None:
+    """Tell the gateway to stop admitting and wait until its running requests are done, the
+    timeout passes or ``stop`` is set again; the requests still running."""
+    import time
+
+    deadline, running, idle_checks = time.monotonic() + timeout_s, None, 0
+    while True:
+        try:
+            running = gateway.drain.remote().result(timeout_s=5)
+        except Exception as exc:  # noqa: BLE001  (a gateway too busy to answer now: ask again)
+            print(f"passn serve: draining: {type(exc).__name__}: {exc}", flush=True)
+        # idle twice, 0.25 s apart: a request on its way from the proxy is answered (503) too
+        idle_checks = idle_checks + 1 if running == 0 else 0
+        if idle_checks >= 2 or time.monotonic() > deadline or stop.wait(0.25):
+            return running
+
+
+def close_proxies() -> None:
+    """Kill this cluster's Serve HTTP proxies, closing the port."""
+    import ray
+    from ray.serve._private.constants import SERVE_NAMESPACE, SERVE_PROXY_NAME
+
+    for node in ray.nodes():
+        if node["Alive"]:
+            try:
+                ray.kill(ray.get_actor(f"{SERVE_PROXY_NAME}-{node['NodeID']}", namespace=SERVE_NAMESPACE),
+                         no_restart=True)
+            except ValueError:  # no proxy on that node
+                pass
