@@ -119,23 +119,11 @@ def resolve_models(checkpoints: dict[str, str], kv_cache_mb: int, dtype: str | N
 
     models = {}
     for model_id, folder in checkpoints.items():
-        model_dir = resolve_model_dir(absolute_path(folder))
-        require_safetensors(model_dir)
+        model_dir = resolve_model_dir(absolute_path(folder))  # safetensors weights only (PickledWeightsError)
         max_len, saved_dtype = folder_limits(model_dir)
         models[model_id] = {"model_dir": model_dir, "max_model_len": max_len, "kv_cache_bytes": kv_cache_mb << 20,
                             "dtype": dtype or saved_dtype, "max_batch_size": max_batch}
     return models
-
-
-def require_safetensors(model_dir: str) -> None:
-    """A model folder (local or s3://) must hold ``*.safetensors`` weights: pickled weights
-    (``pytorch_model.bin``) are never loaded, and the engine would only fail later, inside Ray."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(model_dir)
-    if not fs.glob(f"{root.rstrip('/')}/*.safetensors"):
-        raise ValueError(f"{model_dir}: no *.safetensors weights (pickled weights such as pytorch_model.bin are "
-                         "refused): convert them with transformers' save_pretrained(..., safe_serialization=True)")
 
 
 def app_builder(args: dict[str, str]):
