@@ -1,6 +1,7 @@
 # passn: the two commands. Each creates or updates .venv from the pinned lock first.
 #   make demo   a CE/DCO sweep and its pass@N frontier on the built-in task, local Ray (no GPU, no downloads)
-#   make test   the whole test suite (what CI runs)
+#   make test   the test suite (what CI runs), without the fault suite
+#   make chaos  the fault suite: real faults injected into real processes (RELIABILITY.md)
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -19,11 +20,12 @@ UNUSED_DEPS := llm llama-cpp-python click-default-group condense-json diskcache 
 export RAY_USAGE_STATS_ENABLED := 0
 export VLLM_NO_USAGE_STATS := 1
 
-.PHONY: demo test test-unit lock install clean help coq
+.PHONY: demo test chaos test-unit lock install clean help coq
 
 help:
 	@echo "make demo    run the demo (creates .venv on first use)"
 	@echo "make test    run the test suite (creates .venv on first use)"
+	@echo "make chaos   run the fault suite (RELIABILITY.md)"
 	@echo "make lock    regenerate $(LOCK) from pyproject.toml"
 
 install: $(STAMP)
@@ -46,7 +48,10 @@ coq:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q coq; }
 
 test: $(STAMP) coq
-	$(VENV)/bin/python -m pytest tests --durations=30
+	$(VENV)/bin/python -m pytest tests -m "not chaos" --durations=30
+
+chaos: $(STAMP)
+	$(VENV)/bin/python -m pytest tests -m chaos --durations=0
 
 test-unit: $(STAMP)
 	$(VENV)/bin/python -m pytest tests/unit

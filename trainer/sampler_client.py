@@ -99,7 +99,8 @@ class OnlineSampler:
         self._add("sync_s", time.perf_counter() - started)
         self._add("syncs", 1)
         if r.sampler_check_every and self.syncs % r.sampler_check_every == 0:
-            self.metrics["sync_logp_gap"] = max(self.metrics.get("sync_logp_gap", 0.0), self._sync_gap())
+            for key, gap in zip(("sync_logp_gap", "sync_logp_gap_per_token"), self._sync_gap()):
+                self.metrics[key] = max(self.metrics.get(key, 0.0), gap)
 
     def _engine_dtype(self) -> torch.dtype:
         """The sampler engines' dtype: model.dtype, or (auto) the dtype of the folder they started from."""
@@ -149,15 +150,17 @@ class OnlineSampler:
                                      VLLM_MAX_NUM_SEQS, int(r.sampler_gpu_fraction * torch.cuda.mem_get_info()[1]),
                                      weights * width)
 
-    def _sync_gap(self) -> float:
-        """|log p| of the pool's greedy completion of a fixed prompt, pool against trainer."""
+    def _sync_gap(self) -> tuple[float, float]:
+        """|log p| of the pool's greedy completion of a fixed prompt, pool against trainer: summed
+        over its tokens, and that sum over their number."""
         prompt = self.task.prompt(self.problems[0])
         (greedy,), _ = self.pool.generate([prompt], 1, 0.0, self.cfg.sampling.max_new_tokens, seed=0)
         ids = self.tokenizer(prompt).input_ids
         example = Example("sync-check", tuple(ids) + tuple(greedy.token_ids), len(ids))
         with torch.no_grad():
             trainer = float(evaluation.sequence_logprobs(self.engine.module, [example], self.tokenizer.pad_token_id)[0])
-        return abs(trainer - greedy.cumulative_logprob)
+        gap = abs(trainer - greedy.cumulative_logprob)
+        return gap, gap / max(1, len(greedy.token_ids))
 
     # -- drawing samples ---------------------------------------------------------------------------
     def _draw(self, indices: Sequence[int], version: int) -> tuple[Draw, float, int]:

@@ -272,7 +272,7 @@ class _Online(_Refilled):
     def report(self, batch: TrainBatch, step: int) -> dict[str, Any]:
         parts = self.collective.gather(self.sampler.take_metrics())
         out: dict[str, Any] = dict(parts[0])
-        for key in ("sync_s", "sync_logp_gap"):  # as the slowest worker saw them
+        for key in ("sync_s", "sync_logp_gap", "sync_logp_gap_per_token"):  # as the slowest worker saw them
             values = [p[key] for p in parts if key in p]
             if values:
                 out[key] = max(values)

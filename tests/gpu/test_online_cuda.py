@@ -43,7 +43,10 @@ def pretrained(tmp_path_factory) -> str:
     ("tiny-grpo.yaml", "vllm", ["objective.group_size=8"]),
     # ZeRO-3: each weight gathered alone into the push; staleness 1: the draw beside training, no sleep
     ("tiny-dcoa.yaml", "vllm", ["resources.zero_stage=3", "objective.staleness=1"]),
-], ids=["dcoa-transformers", "dcoa-vllm", "dr_grpo-vllm", "dcoa-vllm-zero3-staleness1"])
+    # float32 on both sides: the push's exactness without bf16's rounding of the logits
+    ("tiny-dcoa.yaml", "vllm", ["model.dtype=float32"]),
+], ids=["dcoa-transformers", "dcoa-vllm", "dr_grpo-vllm",
+        "dcoa-vllm-zero3-staleness1", "dcoa-vllm-float32"])
 def test_online_steps_with_a_sampler_on_the_same_gpu(pretrained, tmp_path, config, backend, extra):
     from jobs.train import run_training
     from passn.config import load_config
@@ -57,7 +60,8 @@ def test_online_steps_with_a_sampler_on_the_same_gpu(pretrained, tmp_path, confi
         *(["objective.budget=16", "objective.mc_samples=32"] if dcoa else []), *extra])
     rows = run_training(cfg, str(tmp_path))
     gaps = [r.get("sync_logp_gap") for r in rows[1:]]
-    print(f"{config} {backend} {extra}: sync_logp_gap per step {json.dumps(gaps)}; "
+    per_token = [r.get("sync_logp_gap_per_token") for r in rows[1:]]
+    print(f"{config} {backend} {extra}: sync_logp_gap per step {json.dumps(gaps)}, per token {json.dumps(per_token)}; "
           f"dropped {[r['dropped'] for r in rows]}; push_mb {rows[-1].get('push_mb')}, "
           f"sync_s {[round(r.get('sync_s', 0), 4) for r in rows]}")
     assert [r["step"] for r in rows][:4] == [1, 2, 3, 4], rows  # the warm-up, then >= 3 steps that draw
@@ -69,12 +73,20 @@ def test_online_steps_with_a_sampler_on_the_same_gpu(pretrained, tmp_path, confi
         assert row["gpu_peak_gb"] > 0
         if backend == "transformers":  # (vLLM's memory is its own allocator's, not torch's)
             assert row["sampler_gpu_peak_gb"] > 0
-    # every push checked: the pool's greedy log-prob of a fixed prompt against the trainer's, bf16 on
-    # both sides. The transformers engine runs the trainer's kernels (1e-7 measured); vLLM its own
-    # (FlashAttention 3, fused norms), whose bf16 rounding differs: 2.7e-4 was measured on a step
-    # of this test
+    # every push checked: the pool's greedy log-prob of a fixed prompt against the trainer's, summed
+    # over its ~10 tokens. The transformers engine runs the trainer's kernels (1e-7 measured in bf16).
+    # vLLM runs its own (FlashAttention 3, fused norms): in bf16 a logit near 10 is rounded to a
+    # multiple of 1/16, and the two sides' roundings differ, 2e-3 to 2.1e-2 summed over a completion
+    # (2e-4 to 2e-3 a token) measured on this test. In float32 that rounding goes, and what is left
+    # is the push itself: the engine must hold the trainer's weights exactly.
     checked = [g for g in gaps if g is not None]
-    assert len(checked) >= 3 and max(checked) < (1e-2 if backend == "vllm" else 1e-4), gaps
+    assert len(checked) >= 3, gaps
+    if backend == "transformers":
+        assert max(checked) < 1e-4, gaps
+    elif cfg.model.dtype == "float32":
+        assert max(checked) < 1e-3, gaps
+    else:
+        assert max(checked) < 5e-2 and max(p for p in per_token if p is not None) < 5e-3, (gaps, per_token)
     # from step 3 on the pool got its weights pushed in memory, not a folder
     assert all(r["push_mb"] > 0 for r in rows[2:] if r.get("syncs")), rows
     if dcoa:

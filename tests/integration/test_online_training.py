@@ -77,6 +77,7 @@ def test_dcoa_keeps_the_pool_in_sync_and_refills_exactly(pretrained, dcoa_run, g
     assert sum(r["candidates"] for r in rows) <= position["epoch"] * 480 + position["cursor"] == 480
 
 
+@pytest.mark.chaos
 def test_a_killed_sampler_actor_loses_and_double_counts_nothing(pretrained, dcoa_run, tmp_path, monkeypatch):
     marker = tmp_path / "sampler-died"
     # an actor dies in its first request once it holds version 3 (after two weight pushes): Ray
@@ -90,6 +91,7 @@ def test_a_killed_sampler_actor_loses_and_double_counts_nothing(pretrained, dcoa
     assert [{k: r.get(k) for k in keys} for r in rows] == [{k: r.get(k) for k in keys} for r in reference]
 
 
+@pytest.mark.chaos
 def test_staleness_one_overlaps_and_resumes_exactly_after_a_killed_worker(pretrained, tmp_path, monkeypatch):
     stale = ("objective.staleness=1", "resources.sampler_check_every=1", "storage.checkpoint_every_steps=2")
     reference = run_training(dcoa(pretrained, *stale), str(tmp_path / "reference"))

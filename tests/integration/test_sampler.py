@@ -89,6 +89,7 @@ def test_sampling_is_deterministic_and_survives_a_killed_actor(ray_cluster, mode
     assert [c.token_ids for c in faulty] == [c.token_ids for c in first]
 
 
+@pytest.mark.chaos
 def test_a_retry_waits_for_a_slow_restart_and_a_deadline_ends_it(ray_cluster, models, tmp_path, monkeypatch):
     """The only actor dies mid-request and takes 6 s to come back (a busy machine): the unit waits
     for it instead of spending its retries on the restarting actor; with a 2 s deadline it gives up."""
@@ -156,6 +157,7 @@ def test_overlong_and_unencodable_prompts_are_skipped_with_a_reason(ray_cluster,
     assert sorted({c.prompt_index for c in completions}) == [0, 2]
 
 
+@pytest.mark.chaos
 def test_a_hung_actor_is_restarted_and_its_work_rerun(ray_cluster, models, tmp_path, monkeypatch):
     folder, _, _ = models[0]
     reference = SamplerPool(folder, num_actors=1, backend="transformers", prompts_per_unit=3)

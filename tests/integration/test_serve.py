@@ -210,6 +210,7 @@ def test_a_flood_of_health_probes_turns_no_completion_away(server):
     assert time.monotonic() - started < 120
 
 
+@pytest.mark.chaos
 def test_a_replica_killed_mid_request_is_a_503_then_serves_again(server):
     replica = _replica(1)  # "other"
     engine = replica.children(recursive=True)
@@ -236,6 +237,7 @@ def test_a_replica_killed_mid_request_is_a_503_then_serves_again(server):
         _kill_left_over(engine)
 
 
+@pytest.mark.chaos
 def test_a_dead_engine_process_is_a_503_until_serve_restarts_its_replica(server):
     """vLLM's engine core (a child process of the replica) killed from outside: its replica's
     check_health fails, Serve replaces the replica; meanwhile requests are 503, never 500."""
@@ -254,6 +256,7 @@ def test_a_dead_engine_process_is_a_503_until_serve_restarts_its_replica(server)
         _kill_left_over(engine)
 
 
+@pytest.mark.chaos
 def test_sigterm_drains_the_server_then_stops_it(server):
     """SIGTERM amid a stream of requests: those running finish (200), later ones are 503 with
     Retry-After, and once the port is closed a connection is refused; no 500, no 404."""

@@ -49,6 +49,7 @@ def test_two_by_two_sweep_of_one_epoch(tmp_path):
     assert again.returncode == 2 and "holds a different sweep" in again.stderr
 
 
+@pytest.mark.chaos
 def test_an_interrupted_sweep_is_finished_by_resume_and_evaluated_by_evaluation_jobs(tmp_path):
     run_dir = tmp_path / "sweep"
     # two CPUs per trial on a 2-CPU cluster: one trial at a time; then each trial's final checkpoint
@@ -115,6 +116,7 @@ def test_demo_shows_both_effects_on_a_short_configuration(tmp_path):
     assert (report / "confidence_kind=ce_budget=1.png").exists()
 
 
+@pytest.mark.chaos
 def test_a_failed_trial_is_retried_from_its_checkpoint(tmp_path):
     from jobs.train import FAULT_ENV, fault_marker, read_metrics
 

@@ -87,6 +87,7 @@ def test_a_killed_worker_is_retried_from_the_checkpoint_with_identical_losses(ce
     assert [m["loss"] for m in metrics] == [m["loss"] for m in ce_metrics]  # bitwise
 
 
+@pytest.mark.chaos
 def test_interrupted_run_on_s3_resumes_from_its_checkpoint(ce_run, s3_server, tmp_path):
     _, ce_metrics = ce_run
     run_dir = f"s3://{s3_server.bucket}/runs/{uuid.uuid4().hex}"
@@ -154,6 +155,7 @@ def test_bad_config_or_data_fails_before_any_training(tmp_path):
     assert "Ray" not in missing.stdout + missing.stderr
 
 
+@pytest.mark.chaos
 def test_ddp_backend_resumes_after_a_killed_worker_with_identical_losses(tmp_path, monkeypatch):
     plain = run_training(short("resources.backend=ddp", "optim.epochs=1"), str(tmp_path / "plain"))
     monkeypatch.setenv(FAULT_ENV, "0:6")
