@@ -71,16 +71,22 @@ class TrainingState:
     def save(self, epoch_end: bool) -> None:
         """Checkpoint ``step`` into the run dir (every worker calls it: shards and collectives)."""
         c = self.collective
+        remote = ckpt.checkpoint_dir(self.run_dir, self.step)
         with scratch("ckpt") as local:
-            self.engine.save_state(str(local / "state"))
-            (local / "rng").mkdir()
-            (local / "rng" / f"rank_{c.rank}.json").write_text(json.dumps(rng_state()))
-            export_weights(self.engine, self.tokenizer, self.cfg, str(local / "model"), here=c.rank == 0)
+            try:
+                self.engine.save_state(str(local / "state"))
+                (local / "rng").mkdir()
+                (local / "rng" / f"rank_{c.rank}.json").write_text(json.dumps(rng_state()))
+                export_weights(self.engine, self.tokenizer, self.cfg, str(local / "model"), here=c.rank == 0)
+            except (OSError, RuntimeError) as exc:  # torch reports a full disk as "iostream error"
+                raise ckpt.CheckpointError(
+                    f"{remote}: saving step {self.step} failed writing its staging folder {local} ({exc}): is "
+                    "the disk (or its quota) full? the checkpoints before it are untouched: free space and "
+                    "resume") from exc
             self.batches.settle()
             source = self.batches.state()
             if c.rank == 0 and "online" in source:
                 (local / "online.json").write_text(json.dumps(source["online"]))
-            remote = ckpt.checkpoint_dir(self.run_dir, self.step)
             ckpt.upload_tree(local, remote)
             files = c.gather(ckpt.digest_tree(local))
         if c.rank == 0:
