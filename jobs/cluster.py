@@ -29,7 +29,7 @@ def runtime_env() -> dict[str, Any]:
     of a local cluster inherit the driver's environment; a cluster's nodes have their own (secrets).
     """
     keep = ("PYTHONPATH", "PASSN_MODEL_CACHE", "TORCH_EXTENSIONS_DIR", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
-            *FAULT_ENVS)
+            "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS", *FAULT_ENVS)
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env.update(RAY_USAGE_STATS_ENABLED="0", VLLM_NO_USAGE_STATS="1", OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false",

@@ -10,3 +10,7 @@ The pure library: importable without Ray, vLLM or DeepSpeed. Modules:
 """
 
 __version__ = "0.1.0"
+
+from passn.storage import configure_s3_retries as _configure_s3_retries
+
+_configure_s3_retries()  # every s3:// path retries throttling (passn.storage)

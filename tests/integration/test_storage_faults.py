@@ -8,7 +8,9 @@ writes ride out throttling."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import time
 import sys
 import textwrap
 from pathlib import Path
@@ -52,14 +54,22 @@ DISK_FULL_SAVE = textwrap.dedent("""
 """) % TINY
 
 
-def test_a_disk_full_during_a_save_leaves_the_previous_checkpoint_and_no_staging(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory) -> Path:
+    """A finished two-step run in one process, its checkpoint at step 2 (tests copy it before changing it)."""
+    run_dir = tmp_path_factory.mktemp("small") / "run"
+    torch.set_num_threads(1)
+    train(load_config(TINY, SMALL), str(run_dir), OneProcess(), torch.device("cpu"))
+    return run_dir
+
+
+def test_a_disk_full_during_a_save_leaves_the_previous_checkpoint_and_no_staging(small_run, tmp_path, monkeypatch):
     run_dir, tmp = tmp_path / "run", tmp_path / "tmp"
+    shutil.copytree(small_run, run_dir)
     tmp.mkdir()
     monkeypatch.setenv("TMPDIR", str(tmp))
     monkeypatch.setattr("tempfile.tempdir", str(tmp))
-    torch.set_num_threads(1)
     cfg = load_config(TINY, SMALL)
-    train(cfg, str(run_dir), OneProcess(), torch.device("cpu"))
     before = ckpt.newest_valid_checkpoint(str(run_dir), warn=lambda m: pytest.fail(m))
     assert before.step == 2
     weights = before.manifest["files"]["model/model.safetensors"]["bytes"]
@@ -90,3 +100,147 @@ def test_a_disk_full_during_a_save_leaves_the_previous_checkpoint_and_no_staging
         assert any(m.startswith("resuming from step 2") for m in said), said
     finally:
         run.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# S3: a proxy in front of the real SeaweedFS server injects throttling and outages
+# ---------------------------------------------------------------------------------------------
+
+SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+             b'<Message>Please reduce your request rate.</Message><RequestId>passn-test</RequestId></Error>')
+
+
+class S3Proxy:
+    """An HTTP/1.1 proxy on 127.0.0.1 in front of an S3 endpoint (fault injection): it answers the
+    first ``throttle`` requests with 503 SlowDown and forwards the rest, calling ``after_forward(method,
+    path)`` after each; a request the upstream cannot take (it is down) gets its connection closed."""
+
+    def __init__(self, upstream: str, throttle: int = 0, after_forward=None) -> None:
+        import http.client
+        import http.server
+        import threading
+        from urllib.parse import urlsplit
+
+        self.throttle, self.after_forward = throttle, after_forward
+        self.requests: list[tuple[str, str, int]] = []  # (method, path, status)
+        self.lock = threading.Lock()
+        host, port = urlsplit(upstream).hostname, urlsplit(upstream).port
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    data = b""
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0], 16)
+                        chunk = self.rfile.read(size + 2)[:size]
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass  # trailers
+                            return data
+                        data += chunk
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _any(self):
+                body = self._body()
+                with proxy.lock:
+                    throttled = len(proxy.requests) < proxy.throttle
+                    proxy.requests.append((self.command, self.path, 503 if throttled else 0))
+                if throttled:
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(SLOW_DOWN)))
+                    self.end_headers()
+                    if self.command != "HEAD":  # a HEAD answer has the headers only
+                        self.wfile.write(SLOW_DOWN)
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "transfer-encoding"}
+                headers["Content-Length"] = str(len(body))
+                try:
+                    up = http.client.HTTPConnection(host, port, timeout=60)
+                    up.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+                    for k, v in headers.items():
+                        up.putheader(k, v)
+                    up.endheaders(body)
+                    resp = up.getresponse()
+                    data = resp.read()
+                except OSError:  # the server is down: the client sees its connection drop
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                self.send_response_only(resp.status, resp.reason)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                length = resp.getheader("Content-Length") if self.command == "HEAD" else str(len(data))
+                self.send_header("Content-Length", length or "0")
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                up.close()
+                if proxy.after_forward is not None:
+                    proxy.after_forward(self.command, self.path)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _any
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "S3Proxy":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def s3_env(monkeypatch):
+    """``s3_env(endpoint_url)``: the AWS-style environment passn's fsspec paths read, on a fresh
+    s3fs instance cache (instances are cached by arguments, not by environment)."""
+    import s3fs
+
+    from tests.integration.conftest import ACCESS_KEY, SECRET_KEY
+
+    def point_at(endpoint_url: str) -> None:
+        for key, value in {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+                           "AWS_ENDPOINT_URL": endpoint_url, "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(key, value)
+        s3fs.S3FileSystem.clear_instance_cache()
+
+    yield point_at
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_s3_throttling_is_retried_with_backoff(small_run, s3_server, s3_env, tmp_path):
+    # a real checkpoint's files, staged locally
+    local = tmp_path / "stage"
+    saved = ckpt.newest_valid_checkpoint(str(small_run))
+    ckpt.download_tree(saved.path, local, only=saved.manifest["files"])
+    throttled = 3
+    with S3Proxy(s3_server.endpoint_url, throttle=throttled) as proxy:
+        s3_env(proxy.url)
+        remote = ckpt.checkpoint_dir(f"s3://{s3_server.bucket}/throttled-{tmp_path.name}", 2)
+        started = time.monotonic()
+        ckpt.upload_tree(local, remote)  # passn's commit: every file, then the manifest
+        ckpt.write_manifest(remote, ckpt.digest_tree(local), **{k: v for k, v in saved.manifest.items()
+                                                                 if k not in ("files", "format", "created")})
+        took = time.monotonic() - started
+        statuses = [status for _, _, status in proxy.requests]
+        assert statuses[:throttled] == [503] * throttled and 503 not in statuses[throttled:]
+        # reads, throttled five in a row: as many as botocore's default 5 attempts, and s3fs retries a
+        # throttled HEAD (an answer without a body, so without "SlowDown") no further
+        proxy.throttle = len(proxy.requests) + 5
+        verified = ckpt.verify_checkpoint(remote)
+        ckpt.download_tree(remote, tmp_path / "back", only=verified.manifest["files"])
+    assert verified.step == 2 and verified.manifest["files"] == saved.manifest["files"]
+    assert ckpt.digest_tree(tmp_path / "back") == saved.manifest["files"]
+    assert took > 0.5, took  # backed off between the 503s, not a tight loop
