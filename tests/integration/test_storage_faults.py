@@ -1,5 +1,5 @@
 """Storage faults injected into real processes: a disk that fills during a checkpoint save, an S3
-server stopped mid-upload and started again, an S3 server that throttles (503 SlowDown).
+server that throttles (503 SlowDown).
 
 Each checks what RELIABILITY.md promises: a checkpoint exists only once its manifest is written, a
 failed save leaves the previous one valid and no scratch folder behind, and passn's S3 reads and
@@ -244,3 +244,4 @@ def test_s3_throttling_is_retried_with_backoff(small_run, s3_server, s3_env, tmp
     assert verified.step == 2 and verified.manifest["files"] == saved.manifest["files"]
     assert ckpt.digest_tree(tmp_path / "back") == saved.manifest["files"]
     assert took > 0.5, took  # backed off between the 503s, not a tight loop
+
