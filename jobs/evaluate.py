@@ -267,7 +267,7 @@ def make_sampler(source: Source, cfg: RunConfig):
                                concurrency=source.concurrency, timeout_s=source.sample_timeout_s)
     from actors.sampler import SamplerPool, gpus_per_actor_here
 
-    from passn.models import folder_limits
+    from passn.models import folder_kv_cache_floor, folder_limits
 
     model_dir = source.checkpoint or ""
     max_len, dtype = folder_limits(model_dir)
@@ -277,8 +277,10 @@ def make_sampler(source: Source, cfg: RunConfig):
 
         local = fetch_model_folder(model_dir)
     gpus = gpus_per_actor_here(source.samplers) if source.gpus_per_sampler is None else source.gpus_per_sampler
+    # small on the CPU, room for big batches on a GPU; always at least one sequence of the model's length
+    kv_cache = max((4 << 30) if gpus > 0 else (64 << 20), folder_kv_cache_floor(model_dir, max_len, dtype))
     return SamplerPool(local, num_actors=source.samplers, backend=source.backend, max_model_len=max_len,
-                       dtype=dtype, seed=cfg.sampling.seed, gpus_per_actor=gpus, start_timeout_s=source.start_timeout_s,
+                       kv_cache_bytes=kv_cache, dtype=dtype, seed=cfg.sampling.seed, gpus_per_actor=gpus, start_timeout_s=source.start_timeout_s,
                        unit_timeout_s=source.sample_timeout_s, retry_timed_out=False)
 
 

@@ -89,7 +89,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--replicas", type=int, default=1, help="replicas per model")
     p.add_argument("--cpus-per-replica", type=float, default=0.5)
     p.add_argument("--gpus-per-replica", type=float, default=0.0)
-    p.add_argument("--kv-cache-mb", type=int, default=256, help="vLLM KV cache per replica, MiB")
+    p.add_argument("--kv-cache-mb", type=int, default=256, help="vLLM KV cache per replica, MiB (at least one sequence of the model's length)")
     p.add_argument("--dtype", default=None, help="engine dtype (default: the checkpoint's own, from config.json)")
     p.set_defaults(run=main_with_args)
 
@@ -115,13 +115,14 @@ def resolve_models(checkpoints: dict[str, str], kv_cache_mb: int, dtype: str | N
     """{model id: folder} -> {model id: ModelServer arguments}, each checkpoint verified first."""
     from jobs.evaluate import resolve_model_dir
     from jobs.cluster import absolute_path
-    from passn.models import folder_limits
+    from passn.models import folder_kv_cache_floor, folder_limits
 
     models = {}
     for model_id, folder in checkpoints.items():
         model_dir = resolve_model_dir(absolute_path(folder))  # safetensors weights only (PickledWeightsError)
         max_len, saved_dtype = folder_limits(model_dir)
-        models[model_id] = {"model_dir": model_dir, "max_model_len": max_len, "kv_cache_bytes": kv_cache_mb << 20,
+        kv_cache = max(kv_cache_mb << 20, folder_kv_cache_floor(model_dir, max_len, dtype or saved_dtype))
+        models[model_id] = {"model_dir": model_dir, "max_model_len": max_len, "kv_cache_bytes": kv_cache,
                             "dtype": dtype or saved_dtype, "max_batch_size": max_batch}
     return models
 

@@ -36,7 +36,7 @@ from passn.collective import Collective
 from passn.config import RunConfig
 from passn.data import Example
 from passn.online import Estimate, MonteCarloCache, Rollout
-from passn.sampling import engine_kv_cache_bytes, group_by_prompt, kv_bytes_per_token
+from passn.sampling import engine_kv_cache_bytes, group_by_prompt, kv_bytes_per_token, one_sequence_kv_cache_bytes
 from passn.scratch import scratch_dir
 from passn.weight_push import SharedWeights
 from trainer.engines import export_weights, named_weights
@@ -138,13 +138,14 @@ class OnlineSampler:
 
     def _kv_cache_bytes(self) -> int:
         """vLLM's KV cache per sampler actor: resources.sampler_kv_cache_mb, or (unset) 64 MiB on
-        the CPU and, on a GPU, room for the engine's whole batch within its share of the GPU."""
+        the CPU (at least one sequence of the model's length) and, on a GPU, room for the engine's whole batch within its share of the GPU."""
         r = self.cfg.resources
         if r.sampler_kv_cache_mb is not None:
             return r.sampler_kv_cache_mb << 20
-        if not (r.sampler_gpu_fraction > 0 and torch.cuda.is_available()):
-            return 64 << 20
         width = torch.empty((), dtype=self._engine_dtype()).element_size()
+        if not (r.sampler_gpu_fraction > 0 and torch.cuda.is_available()):  # and one sequence of the model's length
+            return max(64 << 20, one_sequence_kv_cache_bytes(kv_bytes_per_token(self.engine.module.config, width),
+                                                             self.max_model_len))
         weights = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.engine.module.parameters())
         return engine_kv_cache_bytes(kv_bytes_per_token(self.engine.module.config, width), self.max_model_len,
                                      VLLM_MAX_NUM_SEQS, int(r.sampler_gpu_fraction * torch.cuda.mem_get_info()[1]),

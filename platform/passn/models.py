@@ -140,6 +140,20 @@ def folder_limits(model_dir: str) -> tuple[int, str]:
     return int(config.get("max_position_embeddings", 2048)), dtype if dtype in ("float32", "bfloat16", "float16") else "auto"
 
 
+def folder_kv_cache_floor(model_dir: str, max_model_len: int, dtype: str) -> int:
+    """The KV cache (bytes) an engine on the folder's model needs for one sequence of
+    ``max_model_len`` tokens, from its config.json (local or s3://)."""
+    import json
+    import types
+
+    from passn.sampling import kv_bytes_per_token, one_sequence_kv_cache_bytes
+
+    with fsspec.open(f"{model_dir.rstrip('/')}/config.json", "r") as f:
+        config = types.SimpleNamespace(**json.load(f))
+    width = 2 if dtype in ("bfloat16", "float16") else 4
+    return one_sequence_kv_cache_bytes(kv_bytes_per_token(config, width), max_model_len)
+
+
 def load_tokenizer(cfg: ModelConfig):
     """(tokenizer, maximum sequence length) without loading any weights."""
     if cfg.tiny is not None:

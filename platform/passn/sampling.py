@@ -100,6 +100,13 @@ def kv_bytes_per_token(config: Any, width: int) -> int:
     return 2 * config.num_hidden_layers * kv_heads * head_dim * width
 
 
+def one_sequence_kv_cache_bytes(kv_bytes_per_token: int, max_model_len: int) -> int:
+    """The smallest KV cache a vLLM engine starts with: one sequence of ``max_model_len`` tokens
+    and two blocks' rounding (a real model's context, 8192 tokens say, needs more than a default
+    sized for short completions)."""
+    return (max_model_len + 256) * kv_bytes_per_token
+
+
 GPU_ENGINE_MARGIN_BYTES = 1 << 30  # activations, sampler buffers and CUDA graphs beside weights and cache
 
 
