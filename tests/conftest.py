@@ -39,6 +39,7 @@ def pytest_collection_modifyitems(config, items):
 GOLDEN_DIR = ROOT / "tests" / "assets" / "losses"
 UPDATE_GOLDEN_ENV = "PASSN_UPDATE_GOLDEN"  # =1: record the losses instead of checking them
 GOLDEN_RTOL = 1e-6
+OTHER_CPU_EARLY_STEPS = 10  # on another CPU: compared at 1e-4, later steps at 2e-3
 
 
 def _cpu_capability() -> str:
@@ -53,9 +54,11 @@ def golden():
 
     A refactor of the training path must keep them; record them anew (``PASSN_UPDATE_GOLDEN=1``)
     only for a change that is meant to change what is trained, and say so in its commit. On a CPU
-    whose vector unit differs from the recording's (other matmul kernels) the tolerance is 1e-4,
-    and for a run that samples (``sampled_after``: its first step that trains on samples) only the
-    steps before it are compared: another CPU may draw other tokens from the same seed.
+    whose vector unit differs from the recording's (other matmul kernels) the tolerance is 1e-4
+    for the first OTHER_CPU_EARLY_STEPS steps and 2e-3 after them (rounding differences compound
+    over a long run: 3.2e-4 after 39 steps of 100 was seen), and for a run that samples
+    (``sampled_after``: its first step that trains on samples) only the steps before it are
+    compared: another CPU may draw other tokens from the same seed.
     """
 
     def check(name: str, metrics: list[dict], sampled_after: int | None = None, record: bool = True) -> None:
@@ -69,12 +72,12 @@ def golden():
         assert path.exists(), f"no golden losses at {path}: record them with {UPDATE_GOLDEN_ENV}=1"
         recorded = json.loads(path.read_text())
         same_cpu = recorded["cpu_capability"] == _cpu_capability()
-        rtol = GOLDEN_RTOL if same_cpu else 1e-4
         want = recorded["steps"]
         assert [s["step"] for s in losses] == [s["step"] for s in want], name
         if not same_cpu and sampled_after is not None:
             want, losses = want[: sampled_after - 1], losses[: sampled_after - 1]
-        for got, expected in zip(losses, want):
+        for i, (got, expected) in enumerate(zip(losses, want)):
+            rtol = GOLDEN_RTOL if same_cpu else 1e-4 if i < OTHER_CPU_EARLY_STEPS else 2e-3
             assert got["loss"] == pytest.approx(expected["loss"], rel=rtol, abs=0), (name, got, expected, rtol)
 
     return check

@@ -18,8 +18,8 @@ PROMPTS = [SyntheticTask(seed=0, num_train=4, num_test=6).render_prompt(p) for p
            SyntheticTask(seed=0, num_train=4, num_test=6).problems("test")]
 
 
-def save_model(folder, seed):
-    model, tokenizer = build_tiny_model(TinyModelSpec(), seed=seed)
+def save_model(folder, seed, tied=False):
+    model, tokenizer = build_tiny_model(TinyModelSpec(tie_word_embeddings=tied), seed=seed)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return model, tokenizer
@@ -28,7 +28,11 @@ def save_model(folder, seed):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return {seed: (str(root / f"m{seed}"), *save_model(root / f"m{seed}", seed)) for seed in (0, 1)}
+    models = {seed: (str(root / f"m{seed}"), *save_model(root / f"m{seed}", seed)) for seed in (0, 1)}
+    # the output head tied to the embeddings, as in SmolLM2 and most small pretrained models
+    models.update({("tied", seed): (str(root / f"tied{seed}"), *save_model(root / f"tied{seed}", seed, tied=True))
+                   for seed in (0, 1)})
+    return models
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +122,16 @@ def test_a_retry_waits_for_a_slow_restart_and_a_deadline_ends_it(ray_cluster, mo
         pool.shutdown()
 
 
-@pytest.mark.parametrize(("backend", "push"), [("vllm", "folder"), ("transformers", "folder"), ("vllm", "memory")])
-def test_load_weights_matches_a_fresh_engine(ray_cluster, models, backend, push):
+@pytest.mark.parametrize(("backend", "push", "tied"), [("vllm", "folder", False), ("transformers", "folder", False),
+                                                     ("vllm", "memory", True)])
+def test_load_weights_matches_a_fresh_engine(ray_cluster, models, backend, push, tied):
+    """``tied``: the head shares the embeddings' weight, so vLLM never loads it by itself (on the
+    CPU its packed copy went stale: actors.sampler.repack_tied_head)."""
     import torch
 
     from passn.weight_push import SharedWeights
 
+    models = {seed: models[("tied", seed) if tied else seed] for seed in (0, 1)}
     pool = SamplerPool(models[0][0], num_actors=1, backend=backend)
     try:
         before, _ = pool.generate(PROMPTS, 1, temperature=0.0, max_new_tokens=4)

@@ -168,7 +168,7 @@ def test_ddp_backend_resumes_after_a_killed_worker_with_identical_losses(tmp_pat
 
 def test_training_from_a_hugging_face_folder_local_and_on_s3(tmp_path, s3_server, monkeypatch):
     from passn.config import TinyModelSpec
-    from passn.models import build_tiny_model, fetch_model_folder, load_model
+    from passn.models import PickledWeightsError, build_tiny_model, fetch_model_folder, load_model
 
     model, tokenizer = build_tiny_model(TinyModelSpec(), seed=7)
     folder = tmp_path / "hf-model"
@@ -191,5 +191,5 @@ def test_training_from_a_hugging_face_folder_local_and_on_s3(tmp_path, s3_server
     loaded, _ = load_model(load_config(TINY, ["model.tiny=null", "model.path=" + url]).model, seed=0)
     assert all((a == b).all() for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
     (folder / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="no .safetensors weights"):
+    with pytest.raises(PickledWeightsError, match=r"hf-model: no \*\.safetensors weights \(found no weights at all"):
         load_model(load_config(TINY, ["model.tiny=null", "model.path=" + str(folder)]).model, seed=0)

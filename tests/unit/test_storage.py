@@ -1,5 +1,10 @@
 """passn.storage: the S3 retry defaults every process gets on ``import passn``."""
 
+import json
+import os
+import subprocess
+import sys
+
 import fsspec.config
 import pytest
 
@@ -7,13 +12,25 @@ import passn  # noqa: F401  (configures the retries)
 from passn.storage import S3_RETRIES, configure_s3_retries
 
 
+def total_attempts(retries: dict) -> tuple[str, int]:
+    """The retry mode and the attempts in all: botocore rewrites the dict it is given in place
+    (``max_attempts`` N becomes ``total_max_attempts`` N + 1) once a client is built from it."""
+    total = retries["total_max_attempts"] if "total_max_attempts" in retries else retries["max_attempts"] + 1
+    return retries["mode"], total
+
+
 def test_import_passn_gives_s3_paths_standard_retries():
     # the integration chaos test test_storage_faults.py shows them riding out five 503s in a row
-    assert fsspec.config.conf["s3"]["config_kwargs"]["retries"] == {"mode": "standard", "max_attempts": 10}
+    assert total_attempts(fsspec.config.conf["s3"]["config_kwargs"]["retries"]) == ("standard", 11)
     import s3fs
 
     fs = s3fs.S3FileSystem(anon=True, skip_instance_cache=True)
-    assert fs.config_kwargs["retries"] == S3_RETRIES
+    assert total_attempts(fs.config_kwargs["retries"]) == total_attempts(S3_RETRIES) == ("standard", 11)
+    # in a process where no S3 client was built yet, the defaults are exactly passn's
+    code = "import json, fsspec.config, passn; print(json.dumps(fsspec.config.conf['s3']['config_kwargs']['retries']))"
+    env = {k: v for k, v in os.environ.items() if k not in ("AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert json.loads(out) == S3_RETRIES
 
 
 @pytest.mark.parametrize("env", [{"AWS_RETRY_MODE": "adaptive"}, {"AWS_MAX_ATTEMPTS": "3"}])
