@@ -214,8 +214,15 @@ def train(cfg: RunConfig, run_dir: str, collective: Collective, device: torch.de
                 last_saved = state.step
                 if report is not None:  # once per checkpoint (a Ray Train report costs about a second)
                     report({k: v for k, v in row.items() if isinstance(v, (int, float))})
-    finally:
-        run.close()
+    except BaseException:
+        # what failed is the error to see: a close that fails too (the metrics' last copy to a run dir
+        # whose storage is down) is said, not raised over it
+        try:
+            run.close()
+        except Exception as exc:  # noqa: BLE001
+            say(f"warning: closing the run after the error below failed too: {exc}", flush=True)
+        raise
+    run.close()
 
 
 def _maybe_inject_fault(run_dir: str, rank: int, step: int) -> None:

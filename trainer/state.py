@@ -87,7 +87,12 @@ class TrainingState:
             source = self.batches.state()
             if c.rank == 0 and "online" in source:
                 (local / "online.json").write_text(json.dumps(source["online"]))
-            ckpt.upload_tree(local, remote)
+            try:
+                ckpt.upload_tree(local, remote)
+            except ckpt.StorageUnreachable as exc:
+                raise ckpt.CheckpointError(
+                    f"{remote}: saving step {self.step} failed: {exc}; the checkpoints before it are untouched: "
+                    "resume once the storage answers") from None
             files = c.gather(ckpt.digest_tree(local))
         if c.rank == 0:
             merged = {k: v for per_rank in files for k, v in per_rank.items()}

@@ -29,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+from fsspec.exceptions import FSTimeoutError
+
+from passn import storage
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -112,26 +115,55 @@ def checkpoint_dir(run_dir: str, step: int) -> str:
     return f"{run_dir.rstrip('/')}/checkpoints/step_{step:08d}"
 
 
+class StorageUnreachable(TimeoutError):
+    """Remote storage did not take or give a file within its deadline (passn.storage.transfer_timeout_s)."""
+
+
+def _deadline(fs, nbytes: int) -> tuple[dict[str, float], float]:
+    """The ``timeout`` keyword for one remote file copy of ``nbytes`` (an async filesystem such as
+    s3fs takes it on every call; a local one needs none), and its seconds."""
+    timeout_s = storage.transfer_timeout_s(nbytes)
+    return ({"timeout": timeout_s} if getattr(fs, "async_impl", False) else {}), timeout_s
+
+
+def _unreachable(url: str, verb: str, timeout_s: float) -> StorageUnreachable:
+    return StorageUnreachable(f"{url}: the storage did not {verb} the file within {timeout_s:.0f} s (is it down or "
+                              f"unreachable? {storage.TIMEOUT_ENV} sets the deadline)")
+
+
 def upload_tree(local: str | Path, remote: str) -> None:
-    """Copy a local folder's files to ``remote`` (local path or URL), creating folders as needed."""
+    """Copy a local folder's files to ``remote`` (local path or URL), creating folders as needed.
+    On remote storage each file has a deadline (:func:`passn.storage.transfer_timeout_s`): past it,
+    StorageUnreachable naming the file."""
     fs, root = fsspec.core.url_to_fs(remote)
     local = Path(local)
     for path in sorted(local.rglob("*")):
         if path.is_file():
-            target = f"{root}/{path.relative_to(local).as_posix()}"
-            fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-            fs.put_file(str(path), target)
+            rel = path.relative_to(local).as_posix()
+            deadline, timeout_s = _deadline(fs, path.stat().st_size)
+            try:
+                fs.makedirs(f"{root}/{rel}".rsplit("/", 1)[0], exist_ok=True, **deadline)
+                fs.put_file(str(path), f"{root}/{rel}", **deadline)
+            except FSTimeoutError:
+                raise _unreachable(f"{remote.rstrip('/')}/{rel}", "take", timeout_s) from None
 
 
 def download_tree(remote: str, local: str | Path, only: Iterable[str] | None = None) -> None:
-    """Copy the files under ``remote`` (or just the relative paths in ``only``) into ``local``."""
+    """Copy the files under ``remote`` (or just the relative paths in ``only``) into ``local``.
+    On remote storage each file has a deadline, as in :func:`upload_tree`."""
     fs, root = fsspec.core.url_to_fs(remote)
     wanted = list(only) if only is not None else [p[len(root) + 1 :] for p in fs.find(root)]
     for rel in wanted:
         _check_relative(rel)
         target = Path(local) / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(f"{root}/{rel}", str(target))
+        deadline, timeout_s = _deadline(fs, 0)  # first the file's size (one request), then its deadline
+        try:
+            if deadline:
+                deadline, timeout_s = _deadline(fs, fs.size(f"{root}/{rel}", **deadline) or 0)
+            fs.get_file(f"{root}/{rel}", str(target), **deadline)
+        except FSTimeoutError:
+            raise _unreachable(f"{remote.rstrip('/')}/{rel}", "give", timeout_s) from None
 
 
 def _check_relative(rel: str) -> None:

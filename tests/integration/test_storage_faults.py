@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 import sys
@@ -21,6 +22,7 @@ import torch
 from passn import checkpoint as ckpt
 from passn.collective import OneProcess
 from passn.config import load_config
+from passn.storage import TIMEOUT_ENV
 from trainer.loop import build, train
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
@@ -245,3 +247,61 @@ def test_s3_throttling_is_retried_with_backoff(small_run, s3_server, s3_env, tmp
     assert ckpt.digest_tree(tmp_path / "back") == saved.manifest["files"]
     assert took > 0.5, took  # backed off between the 503s, not a tight loop
 
+
+
+def test_an_s3_outage_mid_upload_then_a_resume_from_the_last_committed_checkpoint(tmp_path, free_ports, s3_env,
+                                                                                  monkeypatch):
+    """The S3 server is killed (SIGKILL) while step 4's checkpoint is being uploaded, the run fails
+    naming that save, the server comes back on its data, and the resume continues from step 2 (the
+    last checkpoint whose manifest was written) to the losses of a run that was never interrupted."""
+    from tests.integration.conftest import start_seaweedfs, stop_seaweedfs
+    from trainer.state import read_metrics
+
+    overrides = [*SMALL, "optim.epochs=2"]  # 4 steps, checkpoints after steps 2 and 4
+    cfg = load_config(TINY, overrides)
+    torch.set_num_threads(1)
+    plain = tmp_path / "plain"
+    train(cfg, str(plain), OneProcess(), torch.device("cpu"))
+    want = [(m["step"], m["loss"]) for m in read_metrics(str(plain))]
+    assert [s for s, _ in want] == [1, 2, 3, 4]
+
+    root, ports = tmp_path / "weed", free_ports(8)
+    root.mkdir()
+    server_proc, server = start_seaweedfs(root, ports)
+    killed: list[str] = []
+
+    def kill_mid_upload(method: str, path: str) -> None:
+        # after the first object of step 4's checkpoint has been stored: the rest of it never arrives
+        if method == "PUT" and "step_00000004" in path and not killed:
+            killed.append(path)
+            stop_seaweedfs(server_proc, signal.SIGKILL)
+
+    run_dir = f"s3://{server.bucket}/outage-{tmp_path.name}"
+    monkeypatch.setenv(TIMEOUT_ENV, "20")  # each file's deadline: 20 s (and 1 s a MiB) instead of 300
+    try:
+        with S3Proxy(server.endpoint_url, after_forward=kill_mid_upload) as proxy:
+            s3_env(proxy.url)
+            with pytest.raises(Exception) as failed:
+                train(cfg, run_dir, OneProcess(), torch.device("cpu"))
+            assert killed, "the outage was never injected"
+            # named: the checkpoint, its step, the file the storage did not take, and what to do
+            message = str(failed.value)
+            assert isinstance(failed.value, ckpt.CheckpointError), repr(failed.value)
+            assert f"{ckpt.checkpoint_dir(run_dir, 4)}: saving step 4 failed: " in message, message
+            assert "the storage did not take the file within 20 s" in message and "resume once" in message
+
+            server_proc, server = start_seaweedfs(root, ports)  # the same data and ports, behind the same proxy
+            s3_env(proxy.url)
+            plan = ckpt.plan_resume(run_dir, warn=lambda m: None)
+            assert plan.path == ckpt.checkpoint_dir(run_dir, 2), plan
+            said: list[str] = []
+            run = build(cfg, run_dir, OneProcess(), torch.device("cpu"), say=lambda *a, **k: said.append(a[0]),
+                        resume=plan)
+            run.close()
+            assert any(m.startswith("resuming from step 2") for m in said), said
+            train(cfg, run_dir, OneProcess(), torch.device("cpu"), resume=plan)
+            got = [(m["step"], m["loss"]) for m in read_metrics(run_dir)]
+    finally:
+        if server_proc.poll() is None:
+            stop_seaweedfs(server_proc)
+    assert got == want  # bitwise: the resumed steps 3 and 4 are the uninterrupted run's

@@ -40,3 +40,13 @@ def test_an_environment_that_chooses_its_retries_keeps_them(env, monkeypatch):
     assert fsspec.config.conf == {}
     configure_s3_retries({})
     assert fsspec.config.conf["s3"]["config_kwargs"]["retries"] == S3_RETRIES
+
+
+def test_a_remote_file_copy_has_a_deadline_that_grows_with_its_size():
+    from passn.storage import TIMEOUT_ENV, transfer_timeout_s
+
+    assert transfer_timeout_s(0, {}) == 300 and transfer_timeout_s(10 * 2**20, {}) == 310
+    assert transfer_timeout_s(2**20, {TIMEOUT_ENV: "20"}) == 21
+    for bad in ("soon", "0", "-5", "nan"):
+        with pytest.raises(ValueError, match=TIMEOUT_ENV):
+            transfer_timeout_s(0, {TIMEOUT_ENV: bad})
