@@ -18,6 +18,7 @@ longer than the model allows are skipped with a reason instead of failing the ba
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
@@ -35,6 +36,9 @@ from passn.weight_push import SharedWeights
 # that finds the marker file PATH absent creates it and kills its actor
 FAULT_ENV = "PASSN_FAULT_SAMPLER_DIE_ONCE"
 HANG_ENV = "PASSN_FAULT_SAMPLER_HANG_ONCE"  # a marker path: the first request that finds it absent hangs
+# fault injection: a marker path: the first request that finds it absent runs out of memory for real
+# (its process's address space capped just above what it holds, then a 1 GiB allocation)
+OOM_ENV = "PASSN_FAULT_SAMPLER_OOM_ONCE"
 # fault injection: seconds an actor restarted after FAULT_ENV's death takes to come back (a busy machine)
 SLOW_RESTART_ENV = "PASSN_FAULT_SAMPLER_SLOW_RESTART_S"
 ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_NO_USAGE_STATS": "1", "VLLM_LOGGING_LEVEL": "WARNING",
@@ -230,6 +234,10 @@ class SamplerActor:
         if hang and not os.path.exists(hang):
             open(hang, "w").close()
             time.sleep(3600)
+        oom = os.environ.get(OOM_ENV)
+        if oom and not os.path.exists(oom):
+            open(oom, "w").close()
+            _run_out_of_memory()
         if version is not None and version != self.version:
             raise StaleVersion(f"sampler holds policy version {self.version}, the request needs {version}")
         accepted, skipped = [], []
@@ -272,6 +280,28 @@ class SamplerActor:
         return out
 
 
+def _run_out_of_memory() -> None:
+    """Fault injection: this process's address space capped just above its size, then an allocation
+    past it (the allocator's own MemoryError, as on a node out of memory)."""
+    import resource
+
+    import psutil
+
+    held = psutil.Process().memory_info().vms
+    resource.setrlimit(resource.RLIMIT_AS, (held + (256 << 20), resource.RLIM_INFINITY))
+    bytearray(1 << 30)
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether a failed sampler call ran out of memory: Ray's memory monitor killed its worker, or an
+    allocation failed inside it (Python's MemoryError, torch's "can't allocate memory", CUDA's OOM)."""
+    if isinstance(exc, ray.exceptions.OutOfMemoryError):
+        return True
+    cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
+    text = str(cause)
+    return isinstance(cause, MemoryError) or "out of memory" in text.lower() or "can't allocate memory" in text
+
+
 @dataclasses.dataclass
 class _Failures:
     """A unit's failures so far: how many, and when the first was (its retry deadline counts from it)."""
@@ -299,7 +329,8 @@ class SamplerPool:
                  retry_timed_out: bool = True) -> None:
         if kv_cache_bytes is None:  # vLLM's KV cache per actor: small on the CPU, room for big batches on a GPU
             kv_cache_bytes = (4 << 30) if gpus_per_actor > 0 else (64 << 20)
-        env = {**ENGINE_ENV, **{k: os.environ[k] for k in (FAULT_ENV, HANG_ENV, SLOW_RESTART_ENV) if k in os.environ}}
+        env = {**ENGINE_ENV, **{k: os.environ[k] for k in (FAULT_ENV, HANG_ENV, OOM_ENV, SLOW_RESTART_ENV)
+                                if k in os.environ}}
         options = {"num_cpus": cpus_per_actor, "num_gpus": gpus_per_actor, "runtime_env": {"env_vars": env}}
         if scheduling_strategy is not None:  # e.g. pinned to the node of the training worker that owns it
             options["scheduling_strategy"] = scheduling_strategy
@@ -315,6 +346,7 @@ class SamplerPool:
         self.prompts_per_unit, self.max_samples = prompts_per_unit, max_samples_per_request
         self.retry_deadline_s, self.unit_timeout_s = retry_deadline_s, unit_timeout_s
         self.retry_timed_out = retry_timed_out  # False: a unit past unit_timeout_s raises DeadlinePassed
+        self.restarts: collections.Counter[str] = collections.Counter()  # actors restarted by the pool, by cause
         up = [a.state.remote() for a in self.actors]
         _, pending = ray.wait(up, num_returns=len(up), timeout=start_timeout_s)
         if pending:  # e.g. no node with the requested resources free: never wait forever
@@ -360,14 +392,27 @@ class SamplerPool:
                 if not ready:  # past the deadline: restart the actors still busy, re-run their units
                     for ref, (u, actor) in running.items():
                         ray.kill(actor, no_restart=False)
+                        self.restarts["timed_out"] += 1
                         self._failed(failures[u], u, f"ran past {self.unit_timeout_s} s per unit")
                     break
-                u, _ = running.pop(ready[0])
+                u, actor = running.pop(ready[0])
                 try:
                     done, skip = ray.get(ready[0])
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, StaleVersion) as exc:
                     # a dead actor, or one restarted since the last push: the unit runs again after a resync
                     self._failed(failures[u], u, type(exc).__name__)
+                    continue
+                except (ray.exceptions.OutOfMemoryError, ray.exceptions.RayTaskError) as exc:
+                    if not out_of_memory(exc):
+                        raise
+                    # an engine that failed an allocation may be half-broken: restart its actor (Ray's
+                    # memory monitor already killed it in the other case) and run the unit again
+                    self.restarts["out_of_memory"] += 1
+                    print(f"warning: sampler actor {self.actors.index(actor)} ran out of memory on unit {u} "
+                          f"({str(exc).strip().splitlines()[-1][:200]}): restarted, the unit runs again", flush=True)
+                    if not isinstance(exc, ray.exceptions.OutOfMemoryError):
+                        ray.kill(actor, no_restart=False)
+                    self._failed(failures[u], u, "out of memory")
                     continue
                 completions += done
                 for s in skip:

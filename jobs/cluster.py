@@ -19,7 +19,7 @@ import fsspec
 
 # fault injection, read by the workers of a local cluster: passed through the runtime environment
 FAULT_ENVS = ("PASSN_FAULT_KILL_RANK_AT_STEP", "PASSN_FAULT_SAMPLER_DIE_ONCE", "PASSN_FAULT_SAMPLER_HANG_ONCE",
-              "PASSN_FAULT_SAMPLER_SLOW_RESTART_S")
+              "PASSN_FAULT_SAMPLER_OOM_ONCE", "PASSN_FAULT_SAMPLER_SLOW_RESTART_S")
 
 
 def runtime_env() -> dict[str, Any]:
@@ -29,7 +29,7 @@ def runtime_env() -> dict[str, Any]:
     of a local cluster inherit the driver's environment; a cluster's nodes have their own (secrets).
     """
     keep = ("PYTHONPATH", "PASSN_MODEL_CACHE", "TORCH_EXTENSIONS_DIR", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
-            "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS", *FAULT_ENVS)
+            "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS", "PASSN_STORAGE_TIMEOUT_S", *FAULT_ENVS)
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env.update(RAY_USAGE_STATS_ENABLED="0", VLLM_NO_USAGE_STATS="1", OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false",
@@ -61,14 +61,16 @@ def ray_session(address: str | None = None, *, log_to_driver: bool = False, num_
     down on exit only what was started here."""
     import ray
 
+    from jobs.reaper import reap_on_death
+
     started_here = not ray.is_initialized()
-    if started_here:
-        address = address or os.environ.get("RAY_ADDRESS")
-        local = {} if address or num_cpus is None else {"num_cpus": num_cpus}
-        ray.init(address=address, include_dashboard=False, log_to_driver=log_to_driver, runtime_env=runtime_env(),
-                 **local, **init_kwargs)
-    try:
-        yield started_here
-    finally:
+    with contextlib.ExitStack() as stack:
         if started_here:
-            ray.shutdown()
+            address = address or os.environ.get("RAY_ADDRESS")
+            if not address:  # a cluster of this process's own: it must not outlive a SIGKILL of it
+                stack.enter_context(reap_on_death())
+            local = {} if address or num_cpus is None else {"num_cpus": num_cpus}
+            ray.init(address=address, include_dashboard=False, log_to_driver=log_to_driver,
+                     runtime_env=runtime_env(), **local, **init_kwargs)
+            stack.callback(ray.shutdown)
+        yield started_here

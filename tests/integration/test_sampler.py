@@ -6,7 +6,7 @@ import time
 import pytest
 import ray
 
-from actors.sampler import FAULT_ENV, HANG_ENV, SLOW_RESTART_ENV, SamplerPool
+from actors.sampler import FAULT_ENV, HANG_ENV, OOM_ENV, SLOW_RESTART_ENV, SamplerPool
 from passn.config import TinyModelSpec
 from passn.evaluation import greedy_answers
 from passn.models import build_tiny_model
@@ -165,14 +165,19 @@ def test_overlong_and_unencodable_prompts_are_skipped_with_a_reason(ray_cluster,
     assert sorted({c.prompt_index for c in completions}) == [0, 2]
 
 
+def undisturbed_samples(folder):
+    """What the fault tests' pool draws when nothing fails: 5 samples of every prompt, 3 prompts a unit."""
+    reference = SamplerPool(folder, num_actors=1, backend="transformers", prompts_per_unit=3)
+    try:
+        return reference.generate(PROMPTS, 5, temperature=1.0, max_new_tokens=4, seed=7)[0]
+    finally:
+        reference.shutdown()
+
+
 @pytest.mark.chaos
 def test_a_hung_actor_is_restarted_and_its_work_rerun(ray_cluster, models, tmp_path, monkeypatch):
     folder, _, _ = models[0]
-    reference = SamplerPool(folder, num_actors=1, backend="transformers", prompts_per_unit=3)
-    try:
-        want, _ = reference.generate(PROMPTS, 5, temperature=1.0, max_new_tokens=4, seed=7)
-    finally:
-        reference.shutdown()
+    want = undisturbed_samples(folder)
     marker = tmp_path / "hung"
     monkeypatch.setenv(HANG_ENV, str(marker))
     pool = SamplerPool(folder, num_actors=1, backend="transformers", prompts_per_unit=3, unit_timeout_s=20)
@@ -181,6 +186,30 @@ def test_a_hung_actor_is_restarted_and_its_work_rerun(ray_cluster, models, tmp_p
     finally:
         pool.shutdown()
     assert marker.exists()  # the first unit really hung
+    assert [(c.prompt_index, c.sample_index, c.token_ids) for c in got] == \
+        [(c.prompt_index, c.sample_index, c.token_ids) for c in want]
+
+
+@pytest.mark.chaos
+def test_an_actor_out_of_memory_is_named_restarted_and_its_work_rerun(ray_cluster, models, tmp_path, monkeypatch,
+                                                                       capsys):
+    """The first unit's actor runs out of memory for real (its address space capped, then a 1 GiB
+    allocation fails): the pool says so, restarts that actor, and the unit's completions are those of
+    a pool that never failed, none lost or doubled."""
+    folder, _, _ = models[0]
+    want = undisturbed_samples(folder)
+    marker = tmp_path / "oom"
+    monkeypatch.setenv(OOM_ENV, str(marker))
+    pool = SamplerPool(folder, num_actors=1, backend="transformers", prompts_per_unit=3)
+    try:
+        pid = ray.get(pool.actors[0].state.remote())["pid"]
+        got, _ = pool.generate(PROMPTS, 5, temperature=1.0, max_new_tokens=4, seed=7)
+        assert ray.get(pool.actors[0].state.remote())["pid"] != pid  # a new process: restarted
+    finally:
+        pool.shutdown()
+    assert marker.exists()  # the fault really fired
+    assert pool.restarts["out_of_memory"] == 1
+    assert "ran out of memory on unit 0 (" in capsys.readouterr().out
     assert [(c.prompt_index, c.sample_index, c.token_ids) for c in got] == \
         [(c.prompt_index, c.sample_index, c.token_ids) for c in want]
 

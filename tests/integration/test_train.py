@@ -1,5 +1,6 @@
 """passn train end to end: real local Ray, Ray Train with 2 workers, DeepSpeed ZeRO-2 on gloo (CPU)."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -85,6 +86,115 @@ def test_a_killed_worker_is_retried_from_the_checkpoint_with_identical_losses(ce
     metrics = run_training(short("resources.max_failures=1"), run_dir)
     assert fault_marker(run_dir).exists()  # the worker really died
     assert [m["loss"] for m in metrics] == [m["loss"] for m in ce_metrics]  # bitwise
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize("moment", ["random", "mid-save"])
+def test_a_worker_sigkilled_from_outside_is_retried_with_identical_losses(ce_run, tmp_path, moment):
+    """A training worker is SIGKILLed by another process, with no hook in passn's code: at a random
+    moment after step 3 (seeded, so a failure can be replayed), or while it writes a checkpoint after
+    the first (its staging folder exists). Ray Train retries the group from the last checkpoint, the losses are the
+    uninterrupted run's bitwise, the newest checkpoint verifies, and no scratch folder is left."""
+    import random
+    import re
+    import signal
+    import threading
+
+    import psutil
+
+    _, ce_metrics = ce_run
+    tmp = Path(tempfile.mkdtemp(prefix="kill-"))  # short: Ray's socket paths live under it
+    run_dir = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "jobs.train", TINY, "--run-dir", run_dir, *sum((["--set", o] for o in SHORT), []),
+           "--set", "resources.max_failures=1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "TMPDIR": str(tmp)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+
+    def workers() -> list[psutil.Process]:
+        found = []
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if "RayTrainWorker" in " ".join(p.cmdline()):
+                    found.append(p)
+            except psutil.Error:
+                pass
+        return found
+
+    rng = random.Random(20261207)
+    killed, deadline = None, time.monotonic() + 600
+    try:
+        while killed is None and proc.poll() is None and time.monotonic() < deadline:
+            if moment == "random":
+                if any("step 3/16" in line for line in lines):
+                    time.sleep(rng.uniform(0.0, 1.0))
+                    victim = rng.choice(workers())
+                    victim.send_signal(signal.SIGKILL)
+                    killed = f"pid {victim.pid} after step 3"
+            elif Path(ckpt.checkpoint_dir(run_dir, 4), ckpt.MANIFEST).exists():  # a later save than the first
+                staging = [m for m in (re.fullmatch(r"passn-ckpt-pid(\d+)-.+", n) for n in os.listdir(tmp)) if m]
+                if staging:
+                    pid = int(staging[0].group(1))
+                    os.kill(pid, signal.SIGKILL)
+                    killed = f"pid {pid} while it wrote {staging[0].group(0)}"
+            time.sleep(0.005)
+        assert killed, "no worker was killed: " + "".join(lines)[-3000:]
+        print("killed", killed)
+        assert proc.wait(timeout=600) == 0, "".join(lines)[-5000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    reader.join(timeout=10)
+    out = "".join(lines)
+    assert "resuming from step" in out or moment == "random", out[-3000:]  # killed before step 4: from the start
+    metrics = read_metrics(run_dir)
+    assert [m["loss"] for m in metrics] == [m["loss"] for m in ce_metrics]  # bitwise
+    assert ckpt.newest_valid_checkpoint(run_dir, warn=lambda m: pytest.fail(m)).step == 16
+    assert sorted(n for n in os.listdir(tmp) if n.startswith("passn-")) == []
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.chaos
+def test_a_sigkilled_driver_leaves_no_ray_process_behind(tmp_path):
+    """`passn train` started its own Ray cluster; the driver alone is SIGKILLed mid-run (not its
+    process group): every process it started (Ray's servers, agents, training workers) ends too."""
+    import signal
+
+    import psutil
+
+    tmp = Path(tempfile.mkdtemp(prefix="orphan-"))
+    cmd = [sys.executable, "-m", "jobs.train", TINY, "--run-dir", str(tmp_path / "run"),
+           *sum((["--set", o] for o in SHORT), []), "--set", "optim.epochs=20"]
+    log = open(tmp_path / "train.log", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "TMPDIR": str(tmp)}, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    started: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 300
+        while "step 2/" not in (tmp_path / "train.log").read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
+            time.sleep(0.5)
+        started = psutil.Process(proc.pid).children(recursive=True)
+        names = sorted({f"{p.name()}: {' '.join(p.cmdline())[:200]}" for p in started if p.is_running()})
+        assert any("RayTrainWorker" in n for n in names) and any("raylet" in n for n in names), names
+        proc.send_signal(signal.SIGKILL)  # the driver alone
+        proc.wait(timeout=30)
+        gone_by = time.monotonic() + 60
+        while time.monotonic() < gone_by:
+            alive = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+            if not alive:
+                break
+            time.sleep(1)
+        assert not alive, [(p.pid, " ".join(p.cmdline())[:120]) for p in alive]
+    finally:
+        for p in started:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.mark.chaos
