@@ -17,6 +17,9 @@ from typing import Any
 
 import fsspec
 
+from jobs.reaper import reap_on_death
+from passn.storage import TIMEOUT_ENV
+
 # fault injection, read by the workers of a local cluster: passed through the runtime environment
 FAULT_ENVS = ("PASSN_FAULT_KILL_RANK_AT_STEP", "PASSN_FAULT_SAMPLER_DIE_ONCE", "PASSN_FAULT_SAMPLER_HANG_ONCE",
               "PASSN_FAULT_SAMPLER_OOM_ONCE", "PASSN_FAULT_SAMPLER_SLOW_RESTART_S")
@@ -29,7 +32,7 @@ def runtime_env() -> dict[str, Any]:
     of a local cluster inherit the driver's environment; a cluster's nodes have their own (secrets).
     """
     keep = ("PYTHONPATH", "PASSN_MODEL_CACHE", "TORCH_EXTENSIONS_DIR", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
-            "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS", "PASSN_STORAGE_TIMEOUT_S", *FAULT_ENVS)
+            "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS", TIMEOUT_ENV, *FAULT_ENVS)
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env.update(RAY_USAGE_STATS_ENABLED="0", VLLM_NO_USAGE_STATS="1", OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false",
@@ -60,8 +63,6 @@ def ray_session(address: str | None = None, *, log_to_driver: bool = False, num_
     joined) or start a local one with ``num_cpus``; yields whether it was started here, and shuts
     down on exit only what was started here."""
     import ray
-
-    from jobs.reaper import reap_on_death
 
     started_here = not ray.is_initialized()
     with contextlib.ExitStack() as stack:

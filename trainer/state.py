@@ -118,7 +118,7 @@ class TrainingState:
             # this rank's ZeRO shards (stage 2 and 3 name them by rank), the shared state files, the model
             mine = [f for f in m["files"] if f.startswith(("state/", "model/")) and
                     ("zero_pp_rank_" not in f or f"zero_pp_rank_{rank}_" in f)]
-            ckpt.download_tree(resumed.path, local, only=[*mine, f"rng/rank_{rank}.json"])
+            ckpt.download_tree(resumed.path, local, only={f: m["files"][f] for f in [*mine, f"rng/rank_{rank}.json"]})
             try:
                 self.engine.load_state(str(local / "state"))
             except ckpt.CheckpointError as exc:  # name the run dir's file, not this worker's copy

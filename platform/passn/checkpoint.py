@@ -24,7 +24,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -148,18 +148,21 @@ def upload_tree(local: str | Path, remote: str) -> None:
                 raise _unreachable(f"{remote.rstrip('/')}/{rel}", "take", timeout_s) from None
 
 
-def download_tree(remote: str, local: str | Path, only: Iterable[str] | None = None) -> None:
+def download_tree(remote: str, local: str | Path,
+                  only: Iterable[str] | Mapping[str, dict[str, Any]] | None = None) -> None:
     """Copy the files under ``remote`` (or just the relative paths in ``only``) into ``local``.
-    On remote storage each file has a deadline, as in :func:`upload_tree`."""
+    On remote storage each file has a deadline, as in :func:`upload_tree`, from its size: a
+    manifest's entries as ``only`` give it, otherwise it is asked for (one request a file)."""
     fs, root = fsspec.core.url_to_fs(remote)
     wanted = list(only) if only is not None else [p[len(root) + 1 :] for p in fs.find(root)]
+    sizes = {rel: entry["bytes"] for rel, entry in only.items()} if isinstance(only, Mapping) else {}
     for rel in wanted:
         _check_relative(rel)
         target = Path(local) / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        deadline, timeout_s = _deadline(fs, 0)  # first the file's size (one request), then its deadline
+        deadline, timeout_s = _deadline(fs, sizes.get(rel, 0))
         try:
-            if deadline:
+            if deadline and rel not in sizes:
                 deadline, timeout_s = _deadline(fs, fs.size(f"{root}/{rel}", **deadline) or 0)
             fs.get_file(f"{root}/{rel}", str(target), **deadline)
         except FSTimeoutError:
