@@ -26,7 +26,7 @@ from passn import checkpoint as ckpt
 from passn.batches import ONLINE_KINDS
 from passn.config import ConfigError, RunConfig, load_config, to_yaml
 from passn.data import encode_examples
-from passn import pretrained
+from passn import pretrained, storage
 from passn.models import check_safetensors_weights, load_tokenizer
 from passn.scratch import scratch, sweep_stale
 from passn.tasks import DataError, build_task, held_out_problems
@@ -41,6 +41,10 @@ from trainer.state import check_resumable, read_metrics
 
 def check_before_training(cfg: RunConfig, run_dir: str) -> None:
     """Everything that can fail on bad input, checked in the driver before workers start."""
+    try:
+        storage.transfer_timeout_s(0)  # a bad $PASSN_STORAGE_TIMEOUT_S now, not at the first checkpoint
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if cfg.objective.whole_proof and cfg.resources.zero_stage == 3 and cfg.resources.backend == "deepspeed":
         raise ConfigError("objective.whole_proof forwards each worker's proofs without gradients, a different number "
                           "of batches per worker, which ZeRO-3's collective forwards cannot do: use zero_stage <= 2")

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import fsspec.config
 import pytest
@@ -50,3 +51,14 @@ def test_a_remote_file_copy_has_a_deadline_that_grows_with_its_size():
     for bad in ("soon", "0", "-5", "nan"):
         with pytest.raises(ValueError, match=TIMEOUT_ENV):
             transfer_timeout_s(0, {TIMEOUT_ENV: bad})
+
+
+def test_a_bad_storage_deadline_is_refused_before_training(monkeypatch, tmp_path):
+    from jobs.train import check_before_training
+    from passn.config import ConfigError, load_config
+    from passn.storage import TIMEOUT_ENV
+
+    monkeypatch.setenv(TIMEOUT_ENV, "soon")
+    cfg = load_config(str(Path(__file__).parents[2] / "configs" / "tiny.yaml"), [])
+    with pytest.raises(ConfigError, match=f"{TIMEOUT_ENV}='soon': not a number of seconds"):
+        check_before_training(cfg, str(tmp_path / "run"))
