@@ -13,8 +13,21 @@ import argparse
 import json
 
 
-def _arithmetic(args: argparse.Namespace) -> int:
+def write_splits(out: str, splits: dict[str, list[dict]]) -> list[str]:
+    """Each split's rows as OUT/<split>.jsonl (local or s3://); the paths written."""
     import fsspec
+
+    paths = []
+    for split, rows in splits.items():
+        path = f"{out.rstrip('/')}/{split}.jsonl"
+        with fsspec.open(path, "wt", encoding="utf-8", auto_mkdir=True) as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        paths.append(path)
+    return paths
+
+
+def _arithmetic(args: argparse.Namespace) -> int:
     from passn.arithmetic import arithmetic_splits
 
     try:
@@ -22,12 +35,7 @@ def _arithmetic(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"passn data arithmetic: {e}")
         return 2
-    out = args.out.rstrip("/")
-    for split, rows in (("train", train), ("test", test)):
-        path = f"{out}/{split}.jsonl"
-        with fsspec.open(path, "wt", encoding="utf-8", auto_mkdir=True) as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+    for path, rows in zip(write_splits(args.out, {"train": train, "test": test}), (train, test)):
         print(f"wrote {len(rows)} problems to {path}")
     return 0
 

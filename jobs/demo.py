@@ -6,6 +6,15 @@ exactly from the model's confidences (MATH.md section 1) every 10 epochs; then t
 report (`passn frontier`). It prints the tables and checks, with numbers, that (1) under CE pass@1
 rises from the first to the last evaluation while pass@256 falls, and (2) the best N' for test
 budget N = 256 exceeds the best N' for N = 1. Exit status 1 if either is not shown.
+
+With --model NAME (`passn model list`: smollm2-135m-instruct), the same sweep fine-tunes that real
+pretrained model (converted once into the model cache) on arithmetic word problems asked for the
+answer alone (`passn data arithmetic`, written to OUT/data; prompts through the model's chat
+template; configs/smollm2-direct.yaml), evaluating exact pass@k on the held-out problems after
+every epoch. --device cuda: one GPU a trial, the config's sizes (2000 problems, bf16); --device
+cpu: a scaled-down run (problems, steps and budgets below) in float32, one CPU a trial. The two
+checks are printed, and the exit status is 0 once the sweep ran: a short run of a pretrained model
+need not show them.
 """
 
 from __future__ import annotations
@@ -16,27 +25,52 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+REAL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smollm2-direct.yaml"
 
 
 DEMO_SETTINGS = [  # docs/TOY.md's recipe, one CPU per trial, evaluated every 10 epochs
     "resources.num_workers=1", "resources.cpus_per_worker=1", "optim.micro_sequences_per_worker=64",
     "evaluation.every_epochs=10", "storage.checkpoint_every_epochs=10", "objective.refill_threshold=0.01"]
+# the real model: (train problems, test problems, epochs, budgets) and overrides per device
+REAL_SIZES = {"cuda": (2000, 200, 4, "4,16,64,256"), "cpu": (64, 32, 4, "4,64")}
+REAL_SETTINGS = {
+    "cuda": [],
+    "cpu": ["model.dtype=float32", "resources.gpus_per_worker=0", "resources.cpus_per_worker=1",
+            "optim.sequences_per_step=16", "optim.micro_sequences_per_worker=8", "optim.learning_rate=1e-4",
+            "optim.warmup_steps=0", "storage.checkpoint_every_epochs=4"]}
 
 
 def run_demo(out: str, seed: int, epochs: int, budgets: list[int], config: str = str(DEFAULT_CONFIG),
-             extra: list[str] | None = None) -> dict[str, Any]:
+             extra: list[str] | None = None, settings: list[str] | None = None) -> dict[str, Any]:
     """A sweep (CE and DCO at each N' in ``budgets``) into OUT/seedS, then the frontier report into
-    OUT/seedS/report; returns the report and the checks of the paper's two effects."""
+    OUT/seedS/report; returns the report and the checks of the paper's two effects. ``settings``
+    (default: the tiny model's DEMO_SETTINGS) come before the seed and epochs, ``extra`` after."""
     from jobs.frontier import write_report
     from jobs.sweep import plan, run_sweep
 
     run_dir = f"{out.rstrip('/')}/seed{seed}"
     grid = ["objective.kind=ce,dco", "objective.budget=" + ",".join(str(b) for b in budgets)]
-    overrides = [*DEMO_SETTINGS, f"seed={seed}", f"task.seed={seed}", f"optim.epochs={epochs}", *(extra or [])]
+    overrides = [*(DEMO_SETTINGS if settings is None else settings), f"seed={seed}", f"task.seed={seed}",
+                 f"optim.epochs={epochs}", *(extra or [])]
     spec = plan(config, grid, overrides)
     run_sweep(spec, run_dir, resume=True)  # a rerun finishes (or reuses) the same sweep
     report = write_report([run_dir], f"{run_dir}/report")
     return {"run_dir": run_dir, "report": report, "checks": check_effects(report)}
+
+
+def real_model_overrides(name: str, device: str, out: str, seed: int, num_train: int, num_test: int) -> list[str]:
+    """Convert the model once (printing progress), write the task's data to OUT/data (the same
+    problems for the same seed), and return the overrides that point the real config at both."""
+    from jobs.data import write_splits
+    from passn.arithmetic import arithmetic_splits
+    from passn.pretrained import pretrained_folder
+
+    folder = pretrained_folder(name, log=lambda line: print(line, flush=True))
+    train, test = arithmetic_splits(num_train, num_test, seed=seed, max_steps=2)
+    train_path, test_path = write_splits(f"{out.rstrip('/')}/data", {"train": train, "test": test})
+    print(f"model {name}: {folder}; {len(train)} training and {len(test)} held-out problems in {out}/data", flush=True)
+    return [*REAL_SETTINGS[device], f"model.path={folder}", f"task.train_path={train_path}",
+            f"task.test_path={test_path}"]
 
 
 def check_effects(report: dict[str, Any]) -> dict[str, Any]:
@@ -62,8 +96,22 @@ def check_effects(report: dict[str, Any]) -> dict[str, Any]:
 def main_with_args(args: argparse.Namespace) -> int:
     from passn import plots, sweeps
 
-    budgets = [int(b) for b in args.budgets.split(",")]
-    result = run_demo(args.out, args.seed, args.epochs, budgets)
+    if args.model:
+        from passn.pretrained import PretrainedError
+
+        num_train, num_test, epochs, budgets = REAL_SIZES[args.device]
+        epochs, budgets = args.epochs or epochs, args.budgets or budgets
+        try:
+            settings = real_model_overrides(args.model, args.device, args.out, args.seed, args.train or num_train,
+                                            args.test or num_test)
+        except PretrainedError as e:
+            print(f"passn demo: {e}", file=sys.stderr)
+            return 2
+        result = run_demo(args.out, args.seed, epochs, [int(b) for b in budgets.split(",")], str(REAL_CONFIG),
+                          settings=settings)
+    else:
+        budgets = [int(b) for b in (args.budgets or "4,16,64,256").split(",")]
+        result = run_demo(args.out, args.seed, args.epochs or 40, budgets)
     report, c = result["report"], result["checks"]
     print()
     print(sweeps.markdown_report([dict(r) for r in report["table"]], report["frontier"]))
@@ -81,16 +129,26 @@ def main_with_args(args: argparse.Namespace) -> int:
           f"{c['best_budget_nmax']:g}: the best N' grows with N: {ok[c['frontier_shown']]}")
     print(f"\nreport (frontier.json, frontier.png, confidence_*.png, report.md): {result['run_dir']}/report")
     print(f"trials (checkpoints, metrics, TensorBoard events, per-problem evaluations): {result['run_dir']}/trials")
+    if args.model:  # a short run of a pretrained model need not show the effects: said above, not failed
+        return 0
     return 0 if c["overconfidence_shown"] and c["frontier_shown"] else 1
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="a CE/DCO sweep and its frontier: the paper's two effects on CPU",
-                          description=__doc__.split("\n\n")[1])
+                          description="\n\n".join(__doc__.split("\n\n")[1:3]),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="runs/demo", help="where the sweep goes (local or s3://)")
-    demo.add_argument("--epochs", type=int, default=40)
-    demo.add_argument("--budgets", default="4,16,64,256", help="DCO's training budgets N' (comma-separated)")
+    demo.add_argument("--epochs", type=int, help="default 40 (tiny model), 4 (--model)")
+    demo.add_argument("--budgets", help="DCO's training budgets N', comma-separated (default 4,16,64,256; "
+                      "--model on cpu: 4,64)")
+    demo.add_argument("--model", help="a real pretrained model instead of the tiny one (passn model list), e.g. "
+                      "smollm2-135m-instruct")
+    demo.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                      help="with --model: cuda trains each trial on a GPU at the config's sizes; cpu scales down")
+    demo.add_argument("--train", type=int, help="with --model: training problems (cuda 2000, cpu 64)")
+    demo.add_argument("--test", type=int, help="with --model: held-out problems (cuda 200, cpu 32)")
     demo.set_defaults(run=main_with_args)
 
 
