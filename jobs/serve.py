@@ -81,7 +81,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-n", type=int, default=256, help="largest n per request")
     p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens per request")
     p.add_argument("--max-ongoing", type=int, default=32, help="requests a model replica works on at once")
-    p.add_argument("--max-queued", type=int, default=64, help="requests queued per model before 503")
+    p.add_argument("--max-queued", type=int, default=64, help="requests per model waiting for a replica before 503 (Serve counts a request as waiting until a replica takes it, so a burst larger than this can be turned away while the replica has room)")
     p.add_argument("--max-batch", type=int, default=16, help="requests batched into one engine call")
     p.add_argument("--request-timeout", type=float, default=120.0, help="seconds before a request is answered 504")
     p.add_argument("--drain-timeout", type=float, default=30.0,
