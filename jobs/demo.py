@@ -33,9 +33,9 @@ DEMO_SETTINGS = [  # docs/TOY.md's recipe, one CPU per trial, evaluated every 10
     "evaluation.every_epochs=10", "storage.checkpoint_every_epochs=10", "objective.refill_threshold=0.01"]
 # the real model: (train problems, test problems, epochs, budgets) and overrides per device
 REAL_SIZES = {"cuda": (2000, 200, 4, "4,16,64,256"), "cpu": (64, 32, 4, "4,64")}
-REAL_SETTINGS = {
-    "cuda": [],
-    "cpu": ["model.dtype=float32", "resources.gpus_per_worker=0", "resources.cpus_per_worker=1",
+REAL_SETTINGS = {  # both: the pretrained model itself evaluated too, as epoch 0
+    "cuda": ["evaluation.at_start=true"],
+    "cpu": ["evaluation.at_start=true", "model.dtype=float32", "resources.gpus_per_worker=0", "resources.cpus_per_worker=1",
             "optim.sequences_per_step=16", "optim.micro_sequences_per_worker=8", "optim.learning_rate=1e-4",
             "optim.warmup_steps=0", "storage.checkpoint_every_epochs=4"]}
 
@@ -84,8 +84,9 @@ def check_effects(report: dict[str, Any]) -> dict[str, Any]:
     value = {(r["epoch"], r["k"]): r["pass_at_k"] for r in ce}
     first, last = epochs[0], epochs[-1]
     front = {f["N"]: f for f in report["frontier"]}
+    peak = max(epochs, key=lambda e: (value[(e, n_max)], -e))  # the first epoch of the highest pass@N_max
     return {
-        "ce_first_epoch": first, "ce_last_epoch": last, "n_max": n_max,
+        "ce_first_epoch": first, "ce_last_epoch": last, "n_max": n_max, "ce_nmax_peak": (peak, value[(peak, n_max)]),
         "ce_pass1": (value[(first, 1)], value[(last, 1)]), "ce_pass_nmax": (value[(first, n_max)], value[(last, n_max)]),
         "overconfidence_shown": value[(last, 1)] > value[(first, 1)] and value[(last, n_max)] < value[(first, n_max)],
         "best_budget_n1": front[1]["train_budget"], "best_budget_nmax": front[n_max]["train_budget"],
@@ -124,7 +125,8 @@ def main_with_args(args: argparse.Namespace) -> int:
     ok = {True: "shown", False: "NOT shown"}
     print(f"(1) CE from epoch {c['ce_first_epoch']} to {c['ce_last_epoch']}: pass@1 {c['ce_pass1'][0]:.3f} -> "
           f"{c['ce_pass1'][1]:.3f}, pass@{c['n_max']} {c['ce_pass_nmax'][0]:.3f} -> {c['ce_pass_nmax'][1]:.3f}: "
-          f"pass@1 rises while pass@{c['n_max']} falls: {ok[c['overconfidence_shown']]}")
+          f"pass@1 rises while pass@{c['n_max']} falls: {ok[c['overconfidence_shown']]}"
+          f" (pass@{c['n_max']} was highest at epoch {c['ce_nmax_peak'][0]}: {c['ce_nmax_peak'][1]:.3f})")
     print(f"(2) best training budget N' for test budget N = 1: {c['best_budget_n1']:g}; for N = {c['n_max']}: "
           f"{c['best_budget_nmax']:g}: the best N' grows with N: {ok[c['frontier_shown']]}")
     print(f"\nreport (frontier.json, frontier.png, confidence_*.png, report.md): {result['run_dir']}/report")

@@ -176,6 +176,8 @@ def train(cfg: RunConfig, run_dir: str, collective: Collective, device: torch.de
     run = build(cfg, run_dir, collective, device, say, resume)
     state, stream, size = run.state, run.stream, cfg.optim.sequences_per_step
     last_saved, last_evaluated = state.step, int(stream.epoch)
+    if cfg.evaluation.at_start and state.step == 0:  # the starting weights, as epoch 0
+        run.evaluate(run.engine.module, 0, 0)
     run.engine.module.train()
     try:
         while not stream.finished:

@@ -212,6 +212,7 @@ class EvaluationConfig(_Strict):
     samples_per_problem: PositiveInt = 256
     k_grid: list[PositiveInt] = [1, 4, 16, 64, 256]
     every_epochs: PositiveInt = 1  # the held-out evaluation after every E-th epoch (and the last)
+    at_start: bool = False  # also the starting weights, as epoch 0, before the first step (not on a resume)
 
     @model_validator(mode="after")
     def _grid(self) -> EvaluationConfig:
@@ -497,6 +498,7 @@ OPERATIONAL_FIELDS = (
     "storage.checkpoint_every_steps", "storage.checkpoint_every_epochs", "storage.keep_checkpoints",
     "resources.max_failures", "resources.sampler_sync_timeout_s", "resources.sampler_unit_timeout_s",
     "resources.sampler_check_every", "resources.sampler_weight_push", "evaluation.samples_per_problem", "evaluation.k_grid", "evaluation.every_epochs",
+    "evaluation.at_start",
 )
 
 

@@ -149,7 +149,8 @@ def test_a_dcoa_step_on_the_real_model_with_a_vllm_sampler(real_model, arithmeti
 def test_the_demo_on_the_real_model(real_model, model_cache, tmp_path, monkeypatch, capsys):
     """`passn demo --model smollm2-135m-instruct`, scaled down further than its CPU defaults (16
     problems, one step an epoch, 2 epochs, CE and DCO at N' = 4): the data it writes, the exact
-    per-epoch evaluations of both trials, the frontier report and the checks it prints."""
+    evaluations of both trials (the pretrained model as epoch 0, then every epoch), the frontier
+    report and the checks it prints."""
     import argparse
 
     from jobs.demo import main_with_args
@@ -163,7 +164,11 @@ def test_the_demo_on_the_real_model(real_model, model_cache, tmp_path, monkeypat
     assert [len((out / "data" / f"{s}.jsonl").read_text().splitlines()) for s in ("train", "test")] == [16, 4]
     rows = [json.loads(line) for t in ("kind=ce_budget=1", "kind=dco_budget=4")
             for line in (out / "seed0" / "trials" / t / "results.jsonl").read_text().splitlines()]
-    assert {(r["objective"], r["epoch"]) for r in rows} == {("ce", 1), ("ce", 2), ("dco", 1), ("dco", 2)}
+    # epoch 0: the pretrained model itself (evaluation.at_start), the same in both trials
+    assert {(r["objective"], r["epoch"]) for r in rows} == {(o, e) for o in ("ce", "dco") for e in (0, 1, 2)}
+    start = [[r["pass_at_k"] for r in sorted(rows, key=lambda r: r["k"]) if r["epoch"] == 0 and r["objective"] == o]
+             for o in ("ce", "dco")]
+    assert len(start[0]) == 5 and start[0] == pytest.approx(start[1], abs=1e-9), start
     assert all(0 < r["pass_at_k"] < 1 for r in rows), rows  # exact coverage of a model that is neither right nor wrong
     assert (out / "seed0" / "report" / "frontier.png").stat().st_size > 0
-    assert "(1) CE from epoch 1 to 2" in printed and "(2) best training budget" in printed
+    assert "(1) CE from epoch 0 to 2" in printed and "(2) best training budget" in printed
