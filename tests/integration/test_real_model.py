@@ -169,6 +169,13 @@ def test_the_demo_on_the_real_model(real_model, model_cache, tmp_path, monkeypat
     start = [[r["pass_at_k"] for r in sorted(rows, key=lambda r: r["k"]) if r["epoch"] == 0 and r["objective"] == o]
              for o in ("ce", "dco")]
     assert len(start[0]) == 5 and start[0] == pytest.approx(start[1], abs=1e-9), start
-    assert all(0 < r["pass_at_k"] < 1 for r in rows), rows  # exact coverage of a model that is neither right nor wrong
+    assert all(0 < r["pass_at_k"] < 1 for r in rows), rows  # exact coverage of a model neither right nor wrong
+    # the pretrained model answers in its own words, so the reference's text is all but impossible to
+    # it (pass@256 ~4e-15 measured); each step on the references makes it likelier (1e-3, then 0.12)
+    for objective in ("ce", "dco"):
+        by_epoch = [r["pass_at_k"] for r in sorted(rows, key=lambda r: r["epoch"])
+                    if r["objective"] == objective and r["k"] == 256]
+        assert by_epoch[0] < by_epoch[1] < by_epoch[2], (objective, by_epoch)
     assert (out / "seed0" / "report" / "frontier.png").stat().st_size > 0
-    assert "(1) CE from epoch 0 to 2" in printed and "(2) best training budget" in printed
+    # epoch 0 is left out of the first check (see check_effects)
+    assert "(1) CE from epoch 1 to 2" in printed and "(2) best training budget" in printed
