@@ -176,10 +176,10 @@ def train(cfg: RunConfig, run_dir: str, collective: Collective, device: torch.de
     run = build(cfg, run_dir, collective, device, say, resume)
     state, stream, size = run.state, run.stream, cfg.optim.sequences_per_step
     last_saved, last_evaluated = state.step, int(stream.epoch)
-    if cfg.evaluation.at_start and state.step == 0:  # the starting weights, as epoch 0
-        run.evaluate(run.engine.module, 0, 0)
     run.engine.module.train()
     try:
+        if cfg.evaluation.at_start and state.step == 0:  # the starting weights, as epoch 0
+            run.evaluate(run.engine.module, 0, 0)
         while not stream.finished:
             started, epoch_before = time.perf_counter(), stream.epoch
             batch = run.batches.next_batch(state.step)
