@@ -170,9 +170,9 @@ def _offline_vllm(folder: str, prompt_ids: list[list[int]], samples: int, max_ne
 BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "B200": 8.0e12, "A100": 2.04e12}
 
 
-def memory_bandwidth(device_name: str) -> float:
-    """The card's datasheet memory bandwidth in bytes/s (4.8 TB/s, the H200's, for a card not listed)."""
-    return next((bw for card, bw in BANDWIDTH.items() if card in device_name), 4.8e12)
+def memory_bandwidth(device_name: str) -> float | None:
+    """The card's datasheet memory bandwidth in bytes/s; None for a card not listed (no bound is claimed)."""
+    return next((bw for card, bw in BANDWIDTH.items() if card in device_name), None)
 
 
 def bench_cuda_vllm(model, tokenizer, prompt_ids: list[list[int]], samples: int, max_new_tokens: int,
@@ -312,7 +312,7 @@ def bench_cuda(prompts: int, samples: int, max_new_tokens: int, prompt_tokens: i
         kv = rows * (prompt_tokens + max_new_tokens / 2) * kv_bytes_per_token(model.config, 2)
         result["decode_step_bytes"] = weights + kv
         result["memory_bandwidth"] = bandwidth = memory_bandwidth(result["device"])
-        result["decode_tokens_per_s_bound"] = bandwidth / (weights + kv) * rows
+        result["decode_tokens_per_s_bound"] = bandwidth / (weights + kv) * rows if bandwidth else None
     return result
 
 
@@ -360,9 +360,13 @@ def _command(args: argparse.Namespace) -> int:
                   f"folder {push['folder_s']:.3f} s ({push['folder_s'] / push['memory_s']:.1f}x); target <= 0.1 s: "
                   f"{'met' if push['memory_s'] <= 0.1 else 'MISSED'}")
             rows, bound = r["prompts"] * r["samples_per_prompt"], r["decode_tokens_per_s_bound"]
-            print(f"  card limit ({r['decode_step_bytes'] / 1e9:.1f} GB read per decode step of {rows} rows: weights + "
-                  f"KV cache, at {r['memory_bandwidth'] / 1e12:.2f} TB/s): {bound:,.0f} tokens/s; offline vLLM reaches {o['tokens_per_s'] / bound:.0%},"
-                  f" the pool {r['vllm_pool']['tokens_per_s'] / bound:.0%} of it")
+            if bound is None:
+                print(f"  card limit: {r['device']} is not in jobs.bench_sample.BANDWIDTH; no bound printed "
+                      f"({r['decode_step_bytes'] / 1e9:.1f} GB read per decode step of {rows} rows)")
+            else:
+                print(f"  card limit ({r['decode_step_bytes'] / 1e9:.1f} GB read per decode step of {rows} rows: weights"
+                      f" + KV cache, at {r['memory_bandwidth'] / 1e12:.2f} TB/s): {bound:,.0f} tokens/s; offline vLLM"
+                      f" reaches {o['tokens_per_s'] / bound:.0%}, the pool {r['vllm_pool']['tokens_per_s'] / bound:.0%} of it")
     write_result(args.out, r)
     return 0
 
