@@ -149,19 +149,19 @@ class TransformersEngine:
                  sleep_when_idle: bool = False, gpu_memory_utilization: float | None = None,
                  max_rows: int = 512) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        from passn.models import check_safetensors_weights
+        from passn.models import check_safetensors_weights, hf_tokenizer
 
         check_safetensors_weights(model_dir)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}[dtype]
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, use_safetensors=True,
                                                           trust_remote_code=False).to(device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+        self.tokenizer = hf_tokenizer(model_dir)
         eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
         self.eos_ids = set(eos) if isinstance(eos, list) else {eos}
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.pad_id = self.tokenizer.pad_token_id
         self.max_rows = max_rows
         self.sleep_when_idle = sleep_when_idle and device == "cuda"  # free the cache allocator's blocks
 

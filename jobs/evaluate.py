@@ -154,14 +154,11 @@ class Source:
 def _prompt_tokenizer(source: Source, cfg: RunConfig):
     """The tokenizer whose chat template the prompts go through: the checkpoint's, or (an
     endpoint) that of the configured model."""
-    from passn.models import fetch_model_folder, load_tokenizer
+    from passn.models import fetch_model_folder, hf_tokenizer, load_tokenizer
 
     if source.checkpoint is None:
         return load_tokenizer(cfg.model)[0]
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(fetch_model_folder(source.checkpoint, metadata_only=True),
-                                         trust_remote_code=False)
+    return hf_tokenizer(fetch_model_folder(source.checkpoint, metadata_only=True))
 
 
 def run_evaluation(source: Source | str, cfg: RunConfig, samples: int, out: str, batch_problems: int = 64,

@@ -154,29 +154,46 @@ def folder_kv_cache_floor(model_dir: str, max_model_len: int, dtype: str) -> int
     return one_sequence_kv_cache_bytes(kv_bytes_per_token(config, width), max_model_len)
 
 
+def hf_tokenizer(folder: str):
+    """A Hugging Face folder's tokenizer, with a pad token: its own, else its end-of-sequence token.
+
+    Many folders name none (Llama 3 and Qwen base models; SmolLM2 converted from GGUF by some
+    transformers releases). passn masks padding by position everywhere (``passn.data.collate``,
+    the samplers), so which id fills it does not matter, only that there is one.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"{folder}: the tokenizer has neither a pad token nor an end-of-sequence token; "
+                             "set one of them in its tokenizer_config.json")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_tokenizer(cfg: ModelConfig):
     """(tokenizer, maximum sequence length) without loading any weights."""
     if cfg.tiny is not None:
         return char_tokenizer(ALPHABETS[cfg.tiny.alphabet]), cfg.tiny.max_position_embeddings
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     folder = fetch_model_folder(cfg.path, metadata_only=True)  # type: ignore[arg-type]
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False), int(config.max_position_embeddings)
+    return hf_tokenizer(folder), int(config.max_position_embeddings)
 
 
 def load_model(cfg: ModelConfig, seed: int):
     """(model, tokenizer) from the config: a built-in tiny model or a Hugging Face folder."""
     if cfg.tiny is not None:
         return build_tiny_model(cfg.tiny, seed)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     folder = fetch_model_folder(cfg.path)  # type: ignore[arg-type]
     check_safetensors_weights(folder)
     dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, trust_remote_code=False)
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    return model, tokenizer
+    return model, hf_tokenizer(folder)
 
 
 def write_model_folder(model, tokenizer, folder: str) -> None:

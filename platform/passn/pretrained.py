@@ -101,6 +101,8 @@ def pretrained_folder(name: str, cache: Path | None = None, log: Callable[[str],
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial, safe_serialization=True)
+    if tokenizer.pad_token is None:  # whether the GGUF reader sets one depends on the transformers release
+        tokenizer.pad_token = tokenizer.eos_token
     tokenizer.save_pretrained(partial)
     (partial / SOURCE_FILE).write_text(json.dumps({
         "name": name, "about": spec.about, "distribution": spec.distribution, "version": version,

@@ -69,3 +69,30 @@ def test_char_tokenizer_round_trips_through_save_and_autotokenizer(tmp_path):
     assert ids == [1, 14, 15, 16, 3, 5, 6]  # TOY.md's ids: <bos> 1, a 14, '=' 3, '1' 5
     assert loaded.decode(ids, skip_special_tokens=True) == "abc=12"
     assert len(loaded) == 40 and TinyModelSpec().alphabet == "synthetic"
+
+
+def test_a_folder_whose_tokenizer_has_no_pad_token_pads_with_its_end_of_sequence_token(tmp_path):
+    """Llama 3 and Qwen base folders, and SmolLM2 as some transformers releases convert it, name no
+    pad token: training, evaluation and the samplers pad with the end-of-sequence token instead (the
+    GPU demo once failed in its first evaluation on ``torch.full(..., None)``)."""
+    from transformers import AutoTokenizer
+
+    from passn.config import ModelConfig
+    from passn.models import hf_tokenizer, load_tokenizer, tiny_llama_config
+
+    tokenizer = char_tokenizer(SYNTHETIC_ALPHABET)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(tmp_path / "model")
+    tiny_llama_config(TinyModelSpec(), len(tokenizer)).save_pretrained(tmp_path / "model")
+    assert AutoTokenizer.from_pretrained(tmp_path / "model").pad_token_id is None  # the premise
+
+    loaded, limit = load_tokenizer(ModelConfig(path=str(tmp_path / "model")))
+    assert loaded.pad_token_id == loaded.eos_token_id == EOS_ID and limit == TinyModelSpec().max_position_embeddings
+    task = SyntheticTask(seed=0, num_train=4, num_test=1)
+    examples = encode_examples(loaded, task, task.problems("train")[:2], max_length=64)
+    assert collate(examples, loaded.pad_token_id)["inputs_BT"].dtype == torch.long
+
+    tokenizer.eos_token = None
+    tokenizer.save_pretrained(tmp_path / "bare")
+    with pytest.raises(ValueError, match="neither a pad token nor an end-of-sequence token"):
+        hf_tokenizer(str(tmp_path / "bare"))
