@@ -10,7 +10,11 @@
   all prompts in one padded batch; and, with vLLM installed, the SamplerPool's CUDA vLLM engine
   against vLLM's own offline ``LLM.generate`` on the same prompts (the pool's overhead), then the
   time to push the model's weights into the pool's running engine in memory (CUDA IPC) against
-  through a folder. ``--no-vllm`` skips the vLLM rows.
+  through a folder. ``--no-vllm`` skips the vLLM rows. Then where each engine's time goes: its
+  prefill (the same prompts for one new token) and its time per decode step against the card's
+  bandwidth bound, and for the in-process engines the time the GPU spent in kernels against the
+  wall time (torch.profiler; the rest is the host's). ``--vllm-variants`` runs offline vLLM again
+  with one engine setting changed each (``max_num_seqs``, CUDA graphs, chunked prefill).
 """
 
 from __future__ import annotations
@@ -145,13 +149,15 @@ def numbered_tokenizer(vocab_size: int):
 
 
 def _offline_vllm(folder: str, prompt_ids: list[list[int]], samples: int, max_new_tokens: int, max_model_len: int,
-                  kv_cache_bytes: int) -> dict[str, Any]:
-    """vLLM's own offline ``LLM.generate`` on the workload (its defaults: CUDA graphs, chunked prefill)."""
+                  kv_cache_bytes: int, engine_args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """vLLM's own offline ``LLM.generate`` on the workload (its defaults: CUDA graphs, chunked
+    prefill, unless ``engine_args`` says otherwise), then the same prompts for one new token each
+    (the prefill and the fixed costs of a call, without the decode)."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     llm = LLM(model=folder, dtype="bfloat16", max_model_len=max_model_len, kv_cache_memory_bytes=kv_cache_bytes,
-              load_format="safetensors", seed=0)
+              load_format="safetensors", seed=0, **(engine_args or {}))
     params = SamplingParams(n=samples, temperature=1.0, max_tokens=max_new_tokens, seed=0, logprobs=0)
     requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
     llm.generate(requests, params, use_tqdm=False)  # warm-up: the same workload once
@@ -159,11 +165,52 @@ def _offline_vllm(folder: str, prompt_ids: list[list[int]], samples: int, max_ne
     outputs = llm.generate(requests, params, use_tqdm=False)
     seconds = time.perf_counter() - start
     tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    start = time.perf_counter()
+    llm.generate(requests, SamplingParams(n=samples, temperature=1.0, max_tokens=1, seed=0, logprobs=0), use_tqdm=False)
+    prefill = time.perf_counter() - start
     config = llm.llm_engine.vllm_config
-    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "prefill_s": prefill,
+            "engine_args": engine_args or {},
             "max_num_seqs": config.scheduler_config.max_num_seqs,
             "chunked_prefill": bool(config.scheduler_config.enable_chunked_prefill),
             "cuda_graph_sizes": len(config.compilation_config.cudagraph_capture_sizes or [])}
+
+
+# the offline engine again with one setting changed from vLLM's defaults each (--vllm-variants)
+VLLM_VARIANTS: tuple[dict[str, Any], ...] = ({"max_num_seqs": 256}, {"enforce_eager": True},
+                                             {"enable_chunked_prefill": False})
+
+
+def decode_step_s(row: dict[str, Any], max_new_tokens: int) -> float:
+    """Seconds per decode step of a timed row with a one-token ``prefill_s`` beside it."""
+    return (row["seconds"] - row["prefill_s"]) / max(1, max_new_tokens - 1)
+
+
+def device_time(fn, device: str, top: int = 5) -> dict[str, Any]:
+    """The time ``fn()`` kept the device busy in kernels (torch.profiler), and the kernels that took
+    most of it; against the same call's wall time unprofiled, what is left is the host's (Python,
+    kernel launches, synchronisation)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    wall = time.perf_counter() - start
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        fn()
+        sync()
+    # on CUDA the kernels themselves (not the CPU operators that launched them, which would count
+    # each kernel twice); on CPU (a check of this function only) every operator's own time
+    events = [e for e in prof.key_averages() if not cuda or e.device_type == torch.autograd.DeviceType.CUDA]
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    busy = sum(getattr(e, key) for e in events) / 1e6
+    heavy = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]
+    return {"wall_s": wall, "busy_s": busy, "busy_fraction": busy / wall,
+            "top": [(e.key[:60], getattr(e, key) / 1e6) for e in heavy]}
 
 
 # HBM bandwidth from the datasheets, by the name torch gives the card (SXM parts)
@@ -176,9 +223,10 @@ def memory_bandwidth(device_name: str) -> float | None:
 
 
 def bench_cuda_vllm(model, tokenizer, prompt_ids: list[list[int]], samples: int, max_new_tokens: int,
-                    repeats: int = 3) -> dict[str, Any]:
+                    repeats: int = 3, variants: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
     """The SamplerPool's CUDA vLLM engine against offline ``LLM.generate`` on the same workload,
-    then the weight push into the pool's running engine: in memory (CUDA IPC) against a folder."""
+    then the weight push into the pool's running engine: in memory (CUDA IPC) against a folder;
+    then offline ``LLM.generate`` again with each of ``variants``' engine settings."""
     import ray
     import torch
 
@@ -210,7 +258,10 @@ def bench_cuda_vllm(model, tokenizer, prompt_ids: list[list[int]], samples: int,
             raise RuntimeError(f"the pool skipped {len(skipped)} of {len(texts)} prompts: {skipped[0].reason}")
         seconds = time.perf_counter() - start
         tokens = sum(c.num_tokens for c in completions)
-        out["vllm_pool"] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
+        start = time.perf_counter()
+        pool.generate(texts, samples, 1.0, 1, seed=0)
+        out["vllm_pool"] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+                            "prefill_s": time.perf_counter() - start}
         print(f"  {'vllm_pool':<20} {tokens / seconds:>10,.0f} tokens/s", flush=True)
         # weight pushes into the running engine, the model held on the GPU by this process
         memory, disk = [], []
@@ -230,6 +281,11 @@ def bench_cuda_vllm(model, tokenizer, prompt_ids: list[list[int]], samples: int,
                        "memory_all_s": memory, "folder_all_s": disk,
                        "bytes": sum(p.numel() * 2 for p in model.parameters())}
         pool.shutdown()
+        out["vllm_offline_variants"] = []
+        for engine_args in variants:
+            row = ray.get(offline.remote(folder, prompt_ids, samples, max_new_tokens, max_len, kv, engine_args))
+            out["vllm_offline_variants"].append(row)
+            print(f"  {'vllm_offline ' + str(engine_args):<20} {row['tokens_per_s']:>10,.0f} tokens/s", flush=True)
     finally:
         ray.shutdown()
         import shutil
@@ -238,7 +294,8 @@ def bench_cuda_vllm(model, tokenizer, prompt_ids: list[list[int]], samples: int,
     return out
 
 
-def bench_cuda(prompts: int, samples: int, max_new_tokens: int, prompt_tokens: int, vllm: bool = True) -> dict[str, Any]:
+def bench_cuda(prompts: int, samples: int, max_new_tokens: int, prompt_tokens: int, vllm: bool = True,
+               variants: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
     import torch
     from transformers import LlamaForCausalLM
 
@@ -293,13 +350,19 @@ def bench_cuda(prompts: int, samples: int, max_new_tokens: int, prompt_tokens: i
         result[name] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
                         "prompts": len(batch), "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30}
         print(f"  {name:<20} {tokens / seconds:>10,.0f} tokens/s", flush=True)
+    # where the transformers engine's time goes: the prefill (one new token), then per decode step
+    # the device's kernels against the host (a profiled run of 32 new tokens)
+    result["passn_transformers"]["prefill_s"] = timed(lambda: ours(ids, 1))[0]
+    result["passn_transformers_device"] = device_time(lambda: ours(ids, 32), "cuda")
+    result["generate_batched_device"] = device_time(lambda: generate_batched(ids, 32), "cuda")
     for base in ("generate_per_prompt", "generate_batched"):
         result[f"ratio_over_{base}"] = result["passn_transformers"]["tokens_per_s"] / result[base]["tokens_per_s"]
     # vLLM after the engines timed in this process: its engines run in other processes, which could
     # still hold the GPU (or its host threads) while a later row of this process is timed; the
     # rows' cached blocks go back first (vLLM starts only where its memory share is free)
     torch.cuda.empty_cache()
-    vllm_rows = bench_cuda_vllm(model, numbered_tokenizer(32000), ids, samples, max_new_tokens) if vllm else {}
+    vllm_rows = bench_cuda_vllm(model, numbered_tokenizer(32000), ids, samples, max_new_tokens,
+                                variants=variants) if vllm else {}
     result.update(vllm_rows)
     if vllm_rows:
         pool = result["vllm_pool"]["tokens_per_s"]
@@ -338,7 +401,8 @@ def _command(args: argparse.Namespace) -> int:
         print(f"  5x the transformers engine needs {needed / 1e9:.0f} GFLOP/s in matmuls: {needed / peak:.1f}x"
               f" one core's {r['dtype']} matmul peak")
     else:
-        r = bench_cuda(args.prompts, args.samples, args.max_new_tokens, args.prompt_tokens, vllm=not args.no_vllm)
+        r = bench_cuda(args.prompts, args.samples, args.max_new_tokens, args.prompt_tokens, vllm=not args.no_vllm,
+                       variants=VLLM_VARIANTS if args.vllm_variants else ())
         print(f"{r['model']} on {r['device']}: {r['prompts']} prompts x {r['samples_per_prompt']} samples,"
               f" {r['max_new_tokens']} new tokens, {r['prompt_tokens']}-token prompts")
         for name in ("passn_transformers", "generate_per_prompt", "generate_batched"):
@@ -367,8 +431,34 @@ def _command(args: argparse.Namespace) -> int:
                 print(f"  card limit ({r['decode_step_bytes'] / 1e9:.1f} GB read per decode step of {rows} rows: weights"
                       f" + KV cache, at {r['memory_bandwidth'] / 1e12:.2f} TB/s): {bound:,.0f} tokens/s; offline vLLM"
                       f" reaches {o['tokens_per_s'] / bound:.0%}, the pool {r['vllm_pool']['tokens_per_s'] / bound:.0%} of it")
+        _print_time_split(r)
     write_result(args.out, r)
     return 0
+
+
+def _print_time_split(r: dict[str, Any]) -> None:
+    """Where each engine's time goes: its prefill (the prompts for one new token), then per decode
+    step, against the step's time at the card's bandwidth; the in-process engines' kernel time."""
+    new_tokens, bound = r["max_new_tokens"], r.get("decode_tokens_per_s_bound")
+    step_bound = r["prompts"] * r["samples_per_prompt"] / bound if bound else None
+    print("  where the time goes (prefill: the same prompts for one new token; decode: the rest, per step"
+          + (f"; {step_bound * 1e3:.1f} ms a step at the card's bandwidth):" if step_bound else "):"))
+    named = [("passn_transformers", r["passn_transformers"]), ("vllm_offline", r.get("vllm_offline")),
+             ("vllm_pool", r.get("vllm_pool"))]
+    named += [(f"vllm_offline {v['engine_args']}", v) for v in r.get("vllm_offline_variants", [])]
+    for name, row in named:
+        if row is None or "prefill_s" not in row:
+            continue
+        step = decode_step_s(row, new_tokens)
+        print(f"    {name:<44} {row['seconds']:6.2f} s: prefill {row['prefill_s']:.2f} s, decode "
+              f"{step * 1e3:.1f} ms/step" + (f" ({step / step_bound:.1f}x the bound)" if step_bound else "")
+              + f" | {row['tokens_per_s']:,.0f} tokens/s")
+    for name in ("passn_transformers", "generate_batched"):
+        d = r.get(f"{name}_device")
+        if d:
+            top = ", ".join(f"{k} {t:.2f} s" for k, t in d["top"][:3])
+            print(f"    {name} on 32 new tokens: {d['wall_s']:.2f} s wall, kernels busy {d['busy_s']:.2f} s "
+                  f"({d['busy_fraction']:.0%}); the rest is the host's | top kernels: {top}")
 
 
 def add_parser(kinds: argparse._SubParsersAction) -> None:
@@ -387,6 +477,9 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
                    help="cpu: the tiny model's saved dtype, which both engines load")
     p.add_argument("--prompt-tokens", type=int, default=128, help="cuda: tokens per prompt")
     p.add_argument("--no-vllm", action="store_true", help="cuda: skip the vLLM rows (where vLLM is not installed)")
+    p.add_argument("--vllm-variants", action="store_true",
+                   help="cuda: then offline vLLM once more for each setting changed from its defaults "
+                        "(max_num_seqs 256; no CUDA graphs; no chunked prefill): ~1 min each")
     p.add_argument("--out", help="also write the figures as JSON here")
     p.set_defaults(run=_with_defaults)
 
