@@ -81,6 +81,25 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def special_tokens_from_config(tokenizer, config) -> None:
+    """Set ``tokenizer``'s beginning, end and pad tokens to the ids the model's config names.
+
+    Converted from GGUF, the config's ids come straight from the file's metadata, while the
+    tokenizer's names depend on the transformers release: 5.19 gives SmolLM2 ``<|im_end|>`` as its
+    end and pad token, as the original model has them; 5.17 gives ``<|im_start|>`` as the end and
+    no pad, so a completion would be trained to end with the start of a turn. A pad id the config
+    does not name is the end token (padding is masked by position everywhere in passn).
+    """
+    for role in ("bos", "eos", "pad"):
+        token_id = getattr(config, f"{role}_token_id", None)
+        if isinstance(token_id, list):  # several end ids: the first is the tokenizer's
+            token_id = token_id[0] if token_id else None
+        if isinstance(token_id, int) and 0 <= token_id < len(tokenizer):
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
 def pretrained_folder(name: str, cache: Path | None = None, log: Callable[[str], None] | None = None) -> str:
     """The Hugging Face folder of the known model ``name``, converted into ``cache`` on first use."""
     target = (cache or model_cache_dir()) / name
@@ -101,8 +120,10 @@ def pretrained_folder(name: str, cache: Path | None = None, log: Callable[[str],
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial, safe_serialization=True)
-    if tokenizer.pad_token is None:  # whether the GGUF reader sets one depends on the transformers release
-        tokenizer.pad_token = tokenizer.eos_token
+    special_tokens_from_config(tokenizer, model.config)
+    # a byte-level BPE decodes as is (as the original model's tokenizer does); transformers 5.17's GGUF
+    # reader turns this on, which strips spaces before punctuation when decoding
+    tokenizer.clean_up_tokenization_spaces = False
     tokenizer.save_pretrained(partial)
     (partial / SOURCE_FILE).write_text(json.dumps({
         "name": name, "about": spec.about, "distribution": spec.distribution, "version": version,

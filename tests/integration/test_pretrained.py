@@ -32,6 +32,10 @@ def test_the_converted_folder_says_where_its_weights_came_from(real_model, model
     assert source["dequantized_from"] == "Q4_1" and source["version"] == version == "0.1.2"
     assert source["sha256"] == hashlib.sha256(gguf.read_bytes()).hexdigest()
     assert "approximation" in source["note"]
+    # the end of a turn ends a sequence and pads, whichever transformers release converted it
+    tokenizer = json.loads((folder / "tokenizer_config.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
+    assert tokenizer["eos_token"] == tokenizer["pad_token"] == "<|im_end|>" and config["eos_token_id"] == 2
     # idempotent: a second call reuses the folder at once and rewrites nothing
     written = (folder / "model.safetensors").stat().st_mtime_ns
     started = time.perf_counter()

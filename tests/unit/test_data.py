@@ -1,5 +1,7 @@
 """passn.data: encoding, batches, the candidate stream and batch refill."""
 
+import types
+
 import pytest
 import torch
 
@@ -96,3 +98,20 @@ def test_a_folder_whose_tokenizer_has_no_pad_token_pads_with_its_end_of_sequence
     tokenizer.save_pretrained(tmp_path / "bare")
     with pytest.raises(ValueError, match="neither a pad token nor an end-of-sequence token"):
         hf_tokenizer(str(tmp_path / "bare"))
+
+
+def test_a_conversion_takes_the_special_tokens_from_the_model_config():
+    """transformers 5.17 converts SmolLM2's GGUF tokenizer with <|im_start|> as its end token and no
+    pad, while the model's config (from the file's metadata) says <|im_end|>: the config wins."""
+    from passn.models import BOS_ID
+    from passn.pretrained import special_tokens_from_config
+
+    tokenizer = char_tokenizer(SYNTHETIC_ALPHABET)
+    tokenizer.eos_token, tokenizer.pad_token = "<bos>", None  # what the faulty reader leaves
+    config = types.SimpleNamespace(bos_token_id=BOS_ID, eos_token_id=[EOS_ID, 7], pad_token_id=None)
+    special_tokens_from_config(tokenizer, config)
+    assert tokenizer.eos_token_id == EOS_ID and tokenizer.bos_token_id == BOS_ID
+    assert tokenizer.pad_token_id == EOS_ID  # no pad id in the config: the end token pads
+    config.pad_token_id = PAD_ID
+    special_tokens_from_config(tokenizer, config)
+    assert tokenizer.pad_token_id == PAD_ID
