@@ -5,6 +5,15 @@ batches with the same numerics: fp32 master weights, bf16 compute, fused AdamW. 
 Ray Train worker running passn's DeepSpeed engine and objective (jobs/train.py); the baseline is a
 single-process loop with ``torch.autocast(bfloat16)``. Printed side by side from one run:
 seconds per step, tokens/s, MFU, the ratio to the baseline, dco against ce, ZeRO-2 and ZeRO-3.
+
+With ``--gpus 1,2,4,8``: scaling across the GPUs of one host instead. passn's path alone at each
+GPU count and ZeRO stage (``--zero``), at a fixed batch per GPU, on ``--model`` (1b, or 3b / 8b,
+whose optimizer state needs ZeRO-3 to fit): seconds per step, tokens/s per GPU, MFU, and the
+scaling efficiency against the smallest count that ran (per-GPU throughput at N over that at the
+smallest; target >= 0.9 for ZeRO-2 from 1 to 8 GPUs), then dco against ce at the largest count. A
+configuration that fails (one that does not fit) is printed as such and the others still run.
+``--device cpu --model tiny`` runs the same path with CPU workers (gloo): a check of the code,
+not a measurement.
 """
 
 from __future__ import annotations
@@ -31,6 +40,41 @@ def llama_1b():
                        tie_word_embeddings=False, torch_dtype="float32")
 
 
+def llama_3b():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=32000, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                       num_attention_heads=24, num_key_value_heads=8, head_dim=128, max_position_embeddings=4096,
+                       tie_word_embeddings=False, torch_dtype="float32")
+
+
+def llama_8b():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=4096,
+                       tie_word_embeddings=False, torch_dtype="float32")
+
+
+def llama_tiny():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, head_dim=16, max_position_embeddings=2048,
+                       tie_word_embeddings=False, torch_dtype="float32")
+
+
+MODELS = {"tiny": llama_tiny, "1b": llama_1b, "3b": llama_3b, "8b": llama_8b}
+
+
+def parameter_count(config) -> int:
+    """Parameters of the Llama ``config`` describes, counted without allocating them."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+
+
 def batches(count: int, sequences: int, length: int, vocab: int, device) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
     out = []
@@ -43,12 +87,13 @@ def batches(count: int, sequences: int, length: int, vocab: int, device) -> list
 
 
 def time_steps(step_fn, batches, warmup: int) -> list[float]:
+    sync = torch.cuda.synchronize if batches and batches[0]["inputs_BT"].is_cuda else (lambda: None)
     times = []
     for i, batch in enumerate(batches):
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         step_fn(batch)
-        torch.cuda.synchronize()
+        sync()
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return times
@@ -69,7 +114,7 @@ def plain_pytorch(objective: str, steps: int, sequences: int, length: int, warmu
     from passn.batches import weighted_loss
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(llama_1b()).cuda()
+    model = LlamaForCausalLM(MODELS[config.get("model", "1b")]()).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
 
     def step(batch):
@@ -100,8 +145,9 @@ def _passn_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     result = _deepspeed_steps(config, ray.train.torch.get_device(), "passn (Ray Train + DeepSpeed)")
-    with open(config["out"], "w") as f:
-        json.dump(result, f)
+    if ray.train.get_context().get_world_rank() == 0:  # every rank steps in lockstep: rank 0's times stand
+        with open(config["out"], "w") as f:
+            json.dump(result, f)
 
 
 def init_single_rank_nccl() -> None:
@@ -152,7 +198,7 @@ def _deepspeed_steps(config: dict[str, Any], device, label: str) -> dict[str, An
                                      "optim.learning_rate=1e-5", f"resources.mixed_precision={config['precision']}"])
             for kind in kinds}
     torch.manual_seed(0)
-    model = LlamaForCausalLM(llama_1b())
+    model = LlamaForCausalLM(MODELS[config.get("model", "1b")]())
     engine = DeepSpeedEngine(model, cfgs[kinds[0]], micro_batches=1, device=device)
     sequences = config["sequences"]
     order: list[str] = []
@@ -181,7 +227,10 @@ def _deepspeed_steps(config: dict[str, Any], device, label: str) -> dict[str, An
 
 
 def passn_path(objective: str, zero: int, steps: int, sequences: int, length: int, warmup: int, params: int,
-               precision: str = "deepspeed_bf16") -> dict[str, Any]:
+               precision: str = "deepspeed_bf16", num_workers: int = 1, model: str = "1b",
+               use_gpu: bool = True) -> dict[str, Any]:
+    """passn's training path: ``num_workers`` Ray Train workers (one GPU each, NCCL; or CPU
+    processes with gloo), each stepping ``sequences`` x ``length`` tokens; rank 0's step times."""
     import tempfile
 
     from ray.train import RunConfig, ScalingConfig
@@ -191,13 +240,85 @@ def passn_path(objective: str, zero: int, steps: int, sequences: int, length: in
     TorchTrainer(
         _passn_worker,
         train_loop_config={"objective": objective, "zero": zero, "steps": steps, "sequences": sequences,
-                           "length": length, "warmup": warmup, "out": out, "params": params, "precision": precision},
-        torch_config=TorchConfig(backend="nccl"),
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=True),
+                           "length": length, "warmup": warmup, "out": out, "params": params, "precision": precision,
+                           "model": model},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=None if use_gpu else {"CPU": 1}),
         run_config=RunConfig(storage_path=tempfile.mkdtemp()),
     ).fit()
     with open(out) as f:
         return json.load(f)
+
+
+def scaling_efficiency(rows: list[dict[str, Any]]) -> None:
+    """Add to each row that ran its per-GPU throughput over that of the smallest GPU count that ran
+    at the same ZeRO stage (the batch per GPU is fixed, so 1.0 is perfect scaling)."""
+    for zero in {r["zero_stage"] for r in rows}:
+        ran = sorted((r for r in rows if r["zero_stage"] == zero and "error" not in r), key=lambda r: r["gpus"])
+        for r in ran:
+            r["scaling_base_gpus"] = ran[0]["gpus"]
+            r["scaling_efficiency"] = r["tokens_per_s"] / ran[0]["tokens_per_s"]
+
+
+def run_scaling(args: argparse.Namespace) -> int:
+    """``--gpus``: passn's path at each GPU count and ZeRO stage; see the module's docstring."""
+    import os
+
+    from jobs.cluster import ray_session
+
+    use_gpu = args.device == "cuda"
+    counts = sorted({int(n) for n in args.gpus.split(",")})
+    have = torch.cuda.device_count() if use_gpu else (os.cpu_count() or 1)
+    if use_gpu and not have:
+        print("passn bench train --device cuda needs CUDA GPUs (--device cpu checks the code path on CPU workers)")
+        return 2
+    if counts[-1] > have:
+        print(f"--gpus asks for {counts[-1]} {'GPUs' if use_gpu else 'CPU workers'}; this host has {have}")
+        return 2
+    params = parameter_count(MODELS[args.model]())
+    kw = {"steps": args.steps, "sequences": args.sequences, "length": args.length, "warmup": args.warmup,
+          "params": params, "model": args.model, "use_gpu": use_gpu}
+    rows: list[dict[str, Any]] = []
+    with ray_session(num_cpus=os.cpu_count(), **({"num_gpus": have} if use_gpu else {})):
+        for zero in [int(z) for z in args.zero.split(",")]:
+            for n in counts:
+                try:
+                    row = passn_path("dco", zero, num_workers=n, **kw)
+                except Exception as e:  # e.g. out of memory: the other configurations still run
+                    row = {"objective": "dco", "zero_stage": zero, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                row["gpus"] = n
+                rows.append(row)
+                print(f"{n} {'GPU' if use_gpu else 'CPU worker'}(s), ZeRO-{zero}: "
+                      + (f"{row['s_per_step']:.4f} s/step" if "error" not in row else f"failed: {row['error']}"),
+                      flush=True)
+        dco_vs_ce = None
+        ran = [r for r in rows if r["gpus"] == counts[-1] and r["zero_stage"] == 2 and "error" not in r]
+        if ran and args.ce:
+            ce = passn_path("ce", 2, num_workers=counts[-1], **kw)
+            dco_vs_ce = ran[0]["s_per_step"] / ce["s_per_step"]
+    scaling_efficiency(rows)
+    device = torch.cuda.get_device_name() if use_gpu else "CPU (gloo): a check of the code path, not a measurement"
+    print(f"\n{device} | {args.model}: {params / 1e9:.2f}B parameters | {args.sequences} x {args.length} tokens a "
+          f"step per {'GPU' if use_gpu else 'worker'}")
+    print(f"{'GPUs':>4} {'ZeRO':>4} {'s/step':>8} {'tokens/s/GPU':>12} {'MFU':>6} {'efficiency':>10}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['gpus']:>4} {r['zero_stage']:>4}   failed: {r['error'][:100]}")
+            continue
+        mfu = f"{r['mfu']:6.1%}" if use_gpu else f"{'-':>6}"
+        print(f"{r['gpus']:>4} {r['zero_stage']:>4} {r['s_per_step']:8.4f} {r['tokens_per_s']:12,.0f} {mfu} "
+              f"{r['scaling_efficiency']:9.2f}x  (against {r['scaling_base_gpus']})")
+    z2 = [r for r in rows if r["zero_stage"] == 2 and "error" not in r]
+    if len(z2) > 1:
+        last = z2[-1]["scaling_efficiency"]
+        print(f"ZeRO-2 scaling efficiency from {z2[0]['gpus']} to {z2[-1]['gpus']}: {last:.2f} (target >= 0.9: "
+              f"{'met' if last >= 0.9 else 'MISSED'})")
+    if dco_vs_ce is not None:
+        print(f"dco/ce step time at {counts[-1]}, ZeRO-2: {dco_vs_ce:.3f} (target <= 1.02)")
+    write_result(args.out, {"rows": rows, "dco_over_ce": dco_vs_ce, "device": device, "model": args.model,
+                            "params": params, "sequences_per_gpu": args.sequences, "length": args.length})
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -205,6 +326,11 @@ def run(args: argparse.Namespace) -> int:
 
     from jobs.cluster import ray_session
 
+    if args.gpus:
+        return run_scaling(args)
+    if args.device != "cuda" or args.model != "1b":
+        print("--device and --model apply to the scaling runs (--gpus)")
+        return 2
     if not torch.cuda.is_available():
         print("passn bench train needs a CUDA GPU (it compares GPU training paths)")
         return 2
@@ -251,8 +377,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(kinds: argparse._SubParsersAction) -> None:
-    p = kinds.add_parser("train", help="GPU: passn's DeepSpeed path vs plain PyTorch (tokens/s, MFU)",
-                         description=__doc__.split("\n\n")[1])
+    p = kinds.add_parser("train", help="GPU: passn's DeepSpeed path vs plain PyTorch (tokens/s, MFU); "
+                                       "--gpus: scaling across the GPUs of one host",
+                         description=__doc__.split("\n\n")[1], epilog=__doc__.split("\n\n", 2)[2],
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=45)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--sequences", type=int, default=8)
@@ -260,5 +388,12 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--rows", type=int, default=7, help="passn configurations to run (the first ROWS of the list)")
     p.add_argument("--pairs", type=int, default=0,
                    help="then this many back-to-back (plain, passn ZeRO-2) dco pairs, each pair's ratio printed")
+    p.add_argument("--gpus", help="scaling runs instead, at these GPU counts of this host, e.g. 1,2,4,8")
+    p.add_argument("--zero", default="2,3", help="with --gpus: the ZeRO stages to run (default 2,3)")
+    p.add_argument("--model", choices=sorted(MODELS), default="1b",
+                   help="with --gpus: the Llama shape (3b, 8b: optimizer state beyond one GPU without ZeRO-3)")
+    p.add_argument("--no-ce", dest="ce", action="store_false", help="with --gpus: skip the ce run at the largest count")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="with --gpus: cpu runs CPU workers over gloo (checks the code path; no figures)")
     p.add_argument("--out", help="also write the figures as JSON here")
     p.set_defaults(run=run)

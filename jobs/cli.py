@@ -60,8 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jobs.cluster import multicast_off
     from jobs.submit import split_rest
 
+    multicast_off()  # before anything here or below starts NCCL (MULTICAST_OFF says why)
     argv, rest = split_rest(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     if rest:

@@ -25,6 +25,22 @@ FAULT_ENVS = ("PASSN_FAULT_KILL_RANK_AT_STEP", "PASSN_FAULT_SAMPLER_DIE_ONCE", "
               "PASSN_FAULT_SAMPLER_OOM_ONCE", "PASSN_FAULT_SAMPLER_SLOW_RESTART_S")
 
 
+# NVLink multicast off in NCCL, PyTorch's symmetric memory and NVSHMEM, in every process of a passn
+# job: the CLI's own (`multicast_off`), its Ray workers (`runtime_env`) and what they start (vLLM's
+# engine processes inherit it). On shared hosts a program that uses multicast can put the node's GPUs
+# out of service; the all-reduces passn runs gain little from it. A value set in the environment
+# that starts passn wins (NCCL_NVLS_ENABLE=1 turns it back on).
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def multicast_off() -> dict[str, str]:
+    """Set MULTICAST_OFF's variables in this process where the environment does not name them;
+    returns the values in force."""
+    for name, value in MULTICAST_OFF.items():
+        os.environ.setdefault(name, value)
+    return {name: os.environ[name] for name in MULTICAST_OFF}
+
+
 def runtime_env() -> dict[str, Any]:
     """Environment variables every Ray worker of a passn job gets.
 
@@ -34,6 +50,7 @@ def runtime_env() -> dict[str, Any]:
     keep = ("PYTHONPATH", "PASSN_MODEL_CACHE", "TORCH_EXTENSIONS_DIR", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
             "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS", TIMEOUT_ENV, *FAULT_ENVS)
     env = {k: os.environ[k] for k in keep if k in os.environ}
+    env.update(multicast_off())  # also on a cluster's nodes, whose environment is their own
     env.update(RAY_USAGE_STATS_ENABLED="0", VLLM_NO_USAGE_STATS="1", OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false",
                RAY_TRAIN_ENABLE_PRINT_PATCH="0")  # else every rank-0 line is printed twice

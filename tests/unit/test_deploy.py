@@ -63,7 +63,8 @@ def test_all_three_accelerators_in_the_long_lived_cluster():
     for _, group, pod in containers(cluster_specs()["raycluster.yaml"]):
         if group.get("groupName"):
             env = {e["name"] for e in pod["containers"][0]["env"]}
-            assert {"NCCL_DEBUG", "NCCL_NVLS_ENABLE", "NCCL_IB_DISABLE"} <= env
+            assert {"NCCL_DEBUG", "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS",
+                    "NCCL_IB_DISABLE"} <= env
 
 
 def test_secrets_only_from_kubernetes_secrets_and_nothing_exposed():
