@@ -41,6 +41,9 @@ HANG_ENV = "PASSN_FAULT_SAMPLER_HANG_ONCE"  # a marker path: the first request t
 OOM_ENV = "PASSN_FAULT_SAMPLER_OOM_ONCE"
 # fault injection: seconds an actor restarted after FAULT_ENV's death takes to come back (a busy machine)
 SLOW_RESTART_ENV = "PASSN_FAULT_SAMPLER_SLOW_RESTART_S"
+# the GPUs a pinned actor runs on (SamplerPool's gpu_ids): its CUDA_VISIBLE_DEVICES, set again when
+# the actor starts, in case Ray cleared it for an actor that asked for no GPU
+PINNED_GPUS_ENV = "PASSN_SAMPLER_GPUS"
 ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_NO_USAGE_STATS": "1", "VLLM_LOGGING_LEVEL": "WARNING",
               "VLLM_USE_FLASHINFER_SAMPLER": "0",  # else FlashInfer JIT-compiles its sampler with nvcc on first use
               "TOKENIZERS_PARALLELISM": "false"}
@@ -215,6 +218,8 @@ class SamplerActor:
     def __init__(self, backend: str, model_dir: str, max_model_len: int, kv_cache_bytes: int, dtype: str,
                  seed: int, version: int = 0, sleep_when_idle: bool = False,
                  gpu_memory_utilization: float | None = None) -> None:
+        if PINNED_GPUS_ENV in os.environ:  # before anything here initialises CUDA
+            os.environ["CUDA_VISIBLE_DEVICES"] = os.environ[PINNED_GPUS_ENV]
         died = os.environ.get(FAULT_ENV, "").partition(":")[0]
         if died and os.path.exists(died) and SLOW_RESTART_ENV in os.environ:
             time.sleep(float(os.environ[SLOW_RESTART_ENV]))
@@ -272,7 +277,8 @@ class SamplerActor:
         return version
 
     def state(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"source": str(self.source), "version": self.version, "pid": os.getpid()}
+        out: dict[str, Any] = {"source": str(self.source), "version": self.version, "pid": os.getpid(),
+                               "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
         import torch
 
         if torch.cuda.is_available():
@@ -326,12 +332,18 @@ class SamplerPool:
                  max_samples_per_request: int = 256, retry_deadline_s: float = 600.0,
                  unit_timeout_s: float | None = None, version: int = 0, scheduling_strategy: Any = None,
                  sleep_when_idle: bool = False, start_timeout_s: float | None = None,
-                 retry_timed_out: bool = True) -> None:
+                 retry_timed_out: bool = True, gpu_ids: Sequence[int | str] | None = None) -> None:
         if kv_cache_bytes is None:  # vLLM's KV cache per actor: small on the CPU, room for big batches on a GPU
             kv_cache_bytes = (4 << 30) if gpus_per_actor > 0 else (64 << 20)
         env = {**ENGINE_ENV, **{k: os.environ[k] for k in (FAULT_ENV, HANG_ENV, OOM_ENV, SLOW_RESTART_ENV)
                                 if k in os.environ}}
         options = {"num_cpus": cpus_per_actor, "num_gpus": gpus_per_actor, "runtime_env": {"env_vars": env}}
+        if gpu_ids is not None:
+            # pinned to these GPUs (the caller's own, whose Ray share covers the actors' too): Ray
+            # accounts no GPU to the actors and, asked for none, leaves CUDA_VISIBLE_DEVICES as set
+            # here; gpus_per_actor still sizes the engine's memory share
+            options["num_gpus"] = 0
+            env["CUDA_VISIBLE_DEVICES"] = env[PINNED_GPUS_ENV] = ",".join(str(i) for i in gpu_ids)
         if scheduling_strategy is not None:  # e.g. pinned to the node of the training worker that owns it
             options["scheduling_strategy"] = scheduling_strategy
         if backend not in ENGINES:

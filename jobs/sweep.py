@@ -230,11 +230,11 @@ def run_sweep(spec: dict[str, Any], run_dir: str, max_failures: int = 2, address
     print(f"sweep: {len(spec['trials'])} trials in {run_dir}; {len(finished)} already finished"
           f"{' (skipped)' if finished else ''}, {len(todo)} to run", flush=True)
     if todo:
-        first = trial_config(spec, todo[0]).resources
+        first = trial_config(spec, todo[0])
         with scratch("tune") as storage, ray_session(address, num_cpus=max(2, os.cpu_count() or 2)):
             total = ray.cluster_resources()
-            per_cpu = first.num_workers * first.cpus_per_worker
-            per_gpu = first.num_workers * first.gpus_per_worker
+            per_cpu = first.resources.num_workers * first.resources.cpus_per_worker
+            per_gpu = first.resources.num_workers * first.gpus_per_training_worker()  # samplers on its GPUs too
             concurrency = max(1, min(int(total.get("CPU", 1) // per_cpu),
                                      int(total.get("GPU", 0) // per_gpu) if per_gpu else len(todo), len(todo)))
             progress = _Progress(len(spec["trials"]), len(finished), concurrency)

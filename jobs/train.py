@@ -141,7 +141,7 @@ def run_training(cfg: RunConfig, run_dir: str, address: str | None = None) -> li
     with scratch("ray") as storage, ray_session(address, log_to_driver=True, num_cpus=local_cpus(cfg)):
         r = cfg.resources
         use_gpu = r.gpus_per_worker > 0
-        resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if use_gpu else {})}
+        resources = {"CPU": r.cpus_per_worker, **({"GPU": cfg.gpus_per_training_worker()} if use_gpu else {})}
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": run_dir,

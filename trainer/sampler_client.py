@@ -133,7 +133,9 @@ class OnlineSampler:
             gpus_per_actor=r.sampler_gpu_fraction, version=trainer_version, scheduling_strategy=here,
             sleep_when_idle=shared_gpu and (r.sampler_backend == "transformers" or self.staleness == 0),
             unit_timeout_s=r.sampler_unit_timeout_s,
-            start_timeout_s=r.sampler_sync_timeout_s)
+            start_timeout_s=r.sampler_sync_timeout_s,
+            # this worker's own GPU (Ray's ids: physical), whose share it asked for with the samplers'
+            gpu_ids=[str(i) for i in ray.get_gpu_ids()] if self.cfg.samplers_share_worker_gpu() else None)
         self.origin = target
 
     def _kv_cache_bytes(self) -> int:

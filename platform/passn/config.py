@@ -252,6 +252,11 @@ class ResourcesConfig(_Strict):
     sampler_backend: Literal["vllm", "transformers"] = "vllm"
     sampler_cpus: Annotated[float, Field(ge=0)] = 0.5  # Ray CPUs per sampler actor
     sampler_gpu_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0  # of a GPU per sampler actor
+    # where a sampler with a GPU share runs: "worker", on its training worker's own GPU (the worker
+    # asks Ray for its share and its samplers' together, and hands them its GPU: on a node with
+    # several GPUs nothing else can take that room); "ray", wherever Ray finds the share free on the
+    # worker's node (possibly another GPU)
+    sampler_gpu: Literal["worker", "ray"] = "worker"
     # vLLM's KV cache per actor (explicit: no memory probing); unset: 64 MiB on the CPU, and on a
     # GPU room for the engine's whole batch within sampler_gpu_fraction of it (after its weights)
     sampler_kv_cache_mb: PositiveInt | None = None
@@ -310,12 +315,33 @@ class RunConfig(_Strict):
         if kind in ("dcoa", "dr_grpo") and self.resources.sampler_actors < 1:
             raise ValueError(f"objective.kind = '{kind}' samples from the policy while training: "
                              "resources.sampler_actors must be >= 1")
+        r = self.resources
+        if self.samplers_share_worker_gpu() and self.gpus_per_training_worker() > 1:
+            raise ValueError(
+                f"resources.gpus_per_worker ({r.gpus_per_worker:g}) + resources.sampler_actors ({r.sampler_actors}) x "
+                f"resources.sampler_gpu_fraction ({r.sampler_gpu_fraction:g}) exceeds one GPU, which a worker and its "
+                "samplers share with resources.sampler_gpu = 'worker': lower the shares, or set "
+                "resources.sampler_gpu = 'ray' to let Ray place the samplers on other GPUs of the node"
+            )
         if kind == "dr_grpo" and per_step % self.objective.group_size:
             raise ValueError(
                 f"optim.sequences_per_step ({per_step}) must be a multiple of objective.group_size "
                 f"({self.objective.group_size}) for dr_grpo: each step trains whole rollout groups"
             )
         return self
+
+
+    def samplers_share_worker_gpu(self) -> bool:
+        """Whether each training worker's sampler actors run on the worker's own GPU."""
+        r = self.resources
+        return (self.objective.kind in ("dcoa", "dr_grpo") and r.gpus_per_worker > 0 and r.sampler_gpu_fraction > 0
+                and r.sampler_gpu == "worker")
+
+    def gpus_per_training_worker(self) -> float:
+        """The GPU share a training worker asks Ray for: its own, plus its samplers' where they share its GPU."""
+        r = self.resources
+        extra = r.sampler_actors * r.sampler_gpu_fraction if self.samplers_share_worker_gpu() else 0.0
+        return r.gpus_per_worker + extra
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,7 +524,7 @@ OPERATIONAL_FIELDS = (
     "storage.checkpoint_every_steps", "storage.checkpoint_every_epochs", "storage.keep_checkpoints",
     "resources.max_failures", "resources.sampler_sync_timeout_s", "resources.sampler_unit_timeout_s",
     "resources.sampler_check_every", "resources.sampler_weight_push", "evaluation.samples_per_problem", "evaluation.k_grid", "evaluation.every_epochs",
-    "evaluation.at_start",
+    "evaluation.at_start", "resources.sampler_gpu",
 )
 
 

@@ -181,3 +181,16 @@ def test_infinite_numbers_and_booleans_for_numbers_are_refused():
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_config(None, ["objective.kind=dco", override])
     assert load_config(None, ["objective.kind=dco", "objective.whole_proof=false"]).objective.whole_proof is False
+
+
+def test_samplers_share_their_workers_gpu_and_the_worker_asks_ray_for_both_shares():
+    online = ["objective.kind=dr_grpo", "resources.gpus_per_worker=0.5", "resources.sampler_gpu_fraction=0.2",
+              "resources.sampler_actors=2"]
+    cfg = load_config(None, online)
+    assert cfg.samplers_share_worker_gpu() and cfg.gpus_per_training_worker() == pytest.approx(0.9)
+    spread = load_config(None, [*online, "resources.sampler_gpu=ray"])  # Ray places the samplers' shares itself
+    assert not spread.samplers_share_worker_gpu() and spread.gpus_per_training_worker() == 0.5
+    assert load_config(None, ["objective.kind=dco", "resources.gpus_per_worker=1"]).gpus_per_training_worker() == 1
+    with pytest.raises(ConfigError, match=r"exceeds one GPU.*resources.sampler_gpu = 'ray'"):
+        load_config(None, [*online, "resources.sampler_gpu_fraction=0.3"])
+    assert load_config(None, [*online, "resources.sampler_gpu_fraction=0.3", "resources.sampler_gpu=ray"])
