@@ -54,9 +54,10 @@ class VLLMEngine:
 
     def __init__(self, model_dir: str, max_model_len: int, kv_cache_bytes: int, dtype: str, seed: int,
                  sleep_when_idle: bool = False, gpu_memory_utilization: float | None = None,
-                 engine_process: bool = False) -> None:
+                 engine_process: bool = False, tensor_parallel: int = 1) -> None:
         # engine_process: vLLM's engine core in a child process (a server's engine that dies is then
-        # an EngineDeadError its replica can report, not the replica's own death)
+        # an EngineDeadError its replica can report, not the replica's own death). tensor_parallel:
+        # the model split over that many of the GPUs this process sees, one vLLM worker process each
         os.environ.update({**ENGINE_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if engine_process else "0"})
         import torch
         from vllm import LLM
@@ -72,6 +73,8 @@ class VLLMEngine:
                        load_format="safetensors",  # never a pickled pytorch_model.bin
                        enforce_eager=not torch.cuda.is_available(),  # CUDA graphs: the decode steps of a GPU
                        **({"enable_sleep_mode": True} if sleep_when_idle else {}),
+                       **({"tensor_parallel_size": tensor_parallel, "distributed_executor_backend": "mp"}
+                          if tensor_parallel > 1 else {}),
                        # on a GPU shared with a trainer: vLLM refuses to start unless this share of
                        # the whole GPU is free (its default asks for 0.9)
                        **({"gpu_memory_utilization": gpu_memory_utilization} if gpu_memory_utilization else {}))

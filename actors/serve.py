@@ -60,13 +60,13 @@ class ModelServer:
     """One checkpoint in one vLLM engine; concurrent requests are batched into one engine call."""
 
     def __init__(self, model_id: str, model_dir: str, max_model_len: int, kv_cache_bytes: int, dtype: str,
-                 max_batch_size: int, hang_timeout_s: float = 120.0) -> None:
+                 max_batch_size: int, hang_timeout_s: float = 120.0, tensor_parallel: int = 1) -> None:
         from passn.models import fetch_model_folder
 
         os.environ.update(SERVE_ENGINE_ENV)
         self.model_id, self.max_model_len = model_id, max_model_len
         self.engine = VLLMEngine(fetch_model_folder(model_dir), max_model_len, kv_cache_bytes, dtype, seed=0,
-                                 engine_process=True)
+                                 engine_process=True, tensor_parallel=tensor_parallel)
         self.tokenizer = self.engine.tokenizer
         self.complete.set_max_batch_size(max_batch_size)
         self.watch_health(hang_timeout_s)

@@ -89,6 +89,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--replicas", type=int, default=1, help="replicas per model")
     p.add_argument("--cpus-per-replica", type=float, default=0.5)
     p.add_argument("--gpus-per-replica", type=float, default=0.0)
+    p.add_argument("--tensor-parallel", type=int, default=1,
+                   help="split each model over this many GPUs of one node (vLLM tensor parallelism, one worker "
+                        "process a GPU); needs --gpus-per-replica equal to it")
     p.add_argument("--kv-cache-mb", type=int, default=256, help="vLLM KV cache per replica, MiB (at least one sequence of the model's length)")
     p.add_argument("--dtype", default=None, help="engine dtype (default: the checkpoint's own, from config.json)")
     p.set_defaults(run=main_with_args)
@@ -102,7 +105,9 @@ def main_with_args(args: argparse.Namespace) -> int:
         token = read_token(args)
         if token is None and not args.no_auth:
             raise ValueError(f"no token: pass --token-file FILE, set ${TOKEN_ENV}, or --no-auth for local experiments")
-        models = resolve_models(parse_checkpoints(args.checkpoint), args.kv_cache_mb, args.dtype, args.max_batch)
+        check_tensor_parallel(args.tensor_parallel, args.gpus_per_replica)
+        models = resolve_models(parse_checkpoints(args.checkpoint), args.kv_cache_mb, args.dtype, args.max_batch,
+                                args.tensor_parallel)
         limits = Limits(max_n=args.max_n, max_tokens=args.max_tokens)
     except (ValueError, OSError, ckpt.CheckpointError) as exc:
         print(f"passn serve: {exc}", file=sys.stderr)
@@ -110,8 +115,17 @@ def main_with_args(args: argparse.Namespace) -> int:
     return serve_forever(models, None if token is None else token_digest(token), limits, args)
 
 
+def check_tensor_parallel(tensor_parallel: int, gpus_per_replica: float) -> None:
+    """A replica split over GPUs holds exactly that many whole GPUs (vLLM puts one worker on each)."""
+    if tensor_parallel < 1:
+        raise ValueError(f"--tensor-parallel {tensor_parallel}: at least 1")
+    if tensor_parallel > 1 and gpus_per_replica != tensor_parallel:
+        raise ValueError(f"--tensor-parallel {tensor_parallel} splits each model over {tensor_parallel} GPUs: "
+                         f"set --gpus-per-replica {tensor_parallel} (it is {gpus_per_replica:g})")
+
+
 def resolve_models(checkpoints: dict[str, str], kv_cache_mb: int, dtype: str | None,
-                   max_batch: int) -> dict[str, dict]:
+                   max_batch: int, tensor_parallel: int = 1) -> dict[str, dict]:
     """{model id: folder} -> {model id: ModelServer arguments}, each checkpoint verified first."""
     from jobs.evaluate import resolve_model_dir
     from jobs.cluster import absolute_path
@@ -123,7 +137,8 @@ def resolve_models(checkpoints: dict[str, str], kv_cache_mb: int, dtype: str | N
         max_len, saved_dtype = folder_limits(model_dir)
         kv_cache = max(kv_cache_mb << 20, folder_kv_cache_floor(model_dir, max_len, dtype or saved_dtype))
         models[model_id] = {"model_dir": model_dir, "max_model_len": max_len, "kv_cache_bytes": kv_cache,
-                            "dtype": dtype or saved_dtype, "max_batch_size": max_batch}
+                            "dtype": dtype or saved_dtype, "max_batch_size": max_batch,
+                            "tensor_parallel": tensor_parallel}
     return models
 
 
@@ -133,7 +148,7 @@ def app_builder(args: dict[str, str]):
 
         checkpoints: "ce=s3://bucket/runs/ce/checkpoints/step_00000468,dco=s3://..."   (required)
         max_n, max_tokens, max_ongoing, max_queued, max_batch, request_timeout, kv_cache_mb,
-        gpus_per_replica, cpus_per_replica, replicas, dtype                              (optional)
+        gpus_per_replica, cpus_per_replica, replicas, dtype, tensor_parallel             (optional)
 
     The bearer token comes from $PASSN_SERVE_TOKEN or the file named by $PASSN_SERVE_TOKEN_FILE
     in the environment (a Kubernetes secret), never from the args.
@@ -150,8 +165,10 @@ def app_builder(args: dict[str, str]):
     if not token:
         raise ValueError(f"app_builder: set {TOKEN_ENV} or {TOKEN_ENV}_FILE (a secret) in the environment")
     number = lambda key, default, cast=int: cast(args.get(key, default))  # noqa: E731
+    tensor_parallel = number("tensor_parallel", 1)
+    check_tensor_parallel(tensor_parallel, number("gpus_per_replica", 1.0, float))
     models = resolve_models(parse_checkpoints(args["checkpoints"].split(",")), number("kv_cache_mb", 4096),
-                            args.get("dtype"), number("max_batch", 16))
+                            args.get("dtype"), number("max_batch", 16), tensor_parallel)
     return build_app(models, token_digest(token), Limits(max_n=number("max_n", 256), max_tokens=number("max_tokens", 1024)),
                      request_timeout_s=number("request_timeout", 120.0, float), health_timeout_s=30.0,
                      max_ongoing=number("max_ongoing", 32), max_queued=number("max_queued", 64),
