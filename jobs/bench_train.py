@@ -108,13 +108,19 @@ def bench_coefficients(objective: str, sequences: int):
 
 def plain_pytorch(objective: str, steps: int, sequences: int, length: int, warmup: int) -> dict[str, Any]:
     """The baseline: one process, autocast bf16, fp32 master weights, fused AdamW."""
+    times, params = _plain_steps(objective, steps, sequences, length, warmup)
+    torch.cuda.empty_cache()  # the model and optimizer went with _plain_steps' frame
+    return _summary("plain PyTorch", objective, None, times, params, sequences * length)
+
+
+def _plain_steps(objective: str, steps: int, sequences: int, length: int, warmup: int) -> tuple[list[float], int]:
     from transformers import LlamaForCausalLM
 
     from passn import objectives
     from passn.batches import weighted_loss
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(MODELS[config.get("model", "1b")]()).cuda()
+    model = LlamaForCausalLM(llama_1b()).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
 
     def step(batch):
@@ -128,10 +134,7 @@ def plain_pytorch(objective: str, steps: int, sequences: int, length: int, warmu
         optimizer.zero_grad(set_to_none=True)
 
     times = time_steps(step, batches(steps, sequences, length, 32000, "cuda"), warmup)
-    params = sum(p.numel() for p in model.parameters())
-    del model, optimizer
-    torch.cuda.empty_cache()
-    return _summary("plain PyTorch", objective, None, times, params, sequences * length)
+    return times, sum(p.numel() for p in model.parameters())
 
 
 def _summary(path: str, objective: str, zero: int | None, times: list[float], params: int, tokens: int) -> dict[str, Any]:
@@ -222,8 +225,7 @@ def _deepspeed_steps(config: dict[str, Any], device, label: str) -> dict[str, An
     if len(kinds) == 2:
         result["path"] += ", dco/ce alternating"
         result["dco_over_ce_alternating"] = statistics.median(per_kind["dco"]) / statistics.median(per_kind["ce"])
-    del engine, model
-    return result
+    return result  # the engine and its model go with this frame
 
 
 def passn_path(objective: str, zero: int, steps: int, sequences: int, length: int, warmup: int, params: int,

@@ -30,6 +30,7 @@ def test_scaling_rows_on_one_and_two_workers_at_zero_2_and_3(tmp_path):
         assert row["scaling_efficiency"] == pytest.approx(row["tokens_per_s"] / rows[(1, zero)]["tokens_per_s"])
     assert "runs stage 1" in rows[(1, 2)]["path"] and "runs stage" not in rows[(2, 2)]["path"]  # ZeRO-2 partitions at 2
     assert r["params"] == rows[(2, 3)]["params"] > 4_000_000  # counted, not read from ZeRO-3's empty shards
+    assert rows[(1, 2)]["params"] == r["params"] < 5_000_000  # the workers trained --model tiny itself
     assert r["dco_over_ce"] > 0
     assert "ZeRO-2 scaling efficiency from 1 to 2" in done.stdout and "not a measurement" in done.stdout
 
