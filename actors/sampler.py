@@ -28,19 +28,14 @@ from typing import Any
 
 import ray
 
+from passn import faults
 from passn.deadlines import DeadlinePassed
 from passn.sampling import Completion, Skipped, Work, plan_work, prompt_seed
 from passn.weight_push import SharedWeights
 
-# fault injection: "PATH" or "PATH:V": the first request (to an actor holding policy version >= V)
-# that finds the marker file PATH absent creates it and kills its actor
-FAULT_ENV = "PASSN_FAULT_SAMPLER_DIE_ONCE"
-HANG_ENV = "PASSN_FAULT_SAMPLER_HANG_ONCE"  # a marker path: the first request that finds it absent hangs
-# fault injection: a marker path: the first request that finds it absent runs out of memory for real
-# (its process's address space capped just above what it holds, then a 1 GiB allocation)
-OOM_ENV = "PASSN_FAULT_SAMPLER_OOM_ONCE"
-# fault injection: seconds an actor restarted after FAULT_ENV's death takes to come back (a busy machine)
-SLOW_RESTART_ENV = "PASSN_FAULT_SAMPLER_SLOW_RESTART_S"
+# fault injection (passn.faults says what each does)
+FAULT_ENV, HANG_ENV, OOM_ENV = faults.SAMPLER_DIE_ENV, faults.SAMPLER_HANG_ENV, faults.SAMPLER_OOM_ENV
+SLOW_RESTART_ENV = faults.SAMPLER_SLOW_RESTART_ENV
 # the GPUs a pinned actor runs on (SamplerPool's gpu_ids): its CUDA_VISIBLE_DEVICES, set again when
 # the actor starts, in case Ray cleared it for an actor that asked for no GPU
 PINNED_GPUS_ENV = "PASSN_SAMPLER_GPUS"

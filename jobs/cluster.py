@@ -18,12 +18,8 @@ from typing import Any
 import fsspec
 
 from jobs.reaper import reap_on_death
+from passn import faults
 from passn.storage import TIMEOUT_ENV
-
-# fault injection, read by the workers of a local cluster: passed through the runtime environment
-FAULT_ENVS = ("PASSN_FAULT_KILL_RANK_AT_STEP", "PASSN_FAULT_SAMPLER_DIE_ONCE", "PASSN_FAULT_SAMPLER_HANG_ONCE",
-              "PASSN_FAULT_SAMPLER_OOM_ONCE", "PASSN_FAULT_SAMPLER_SLOW_RESTART_S")
-
 
 # NVLink multicast off in NCCL, PyTorch's symmetric memory and NVSHMEM, in every process of a passn
 # job: the CLI's own (`multicast_off`), its Ray workers (`runtime_env`) and what they start (vLLM's
@@ -48,7 +44,8 @@ def runtime_env() -> dict[str, Any]:
     of a local cluster inherit the driver's environment; a cluster's nodes have their own (secrets).
     """
     keep = ("PYTHONPATH", "PASSN_MODEL_CACHE", "TORCH_EXTENSIONS_DIR", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
-            "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS", TIMEOUT_ENV, *FAULT_ENVS)
+            "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS", TIMEOUT_ENV,
+            *faults.ALL)  # fault injection, read by the workers of a local cluster
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env.update(multicast_off())  # also on a cluster's nodes, whose environment is their own
     env.update(RAY_USAGE_STATS_ENABLED="0", VLLM_NO_USAGE_STATS="1", OMP_NUM_THREADS="1",

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from passn import checkpoint as ckpt
-from passn import objectives
+from passn import faults, objectives
 from passn.batches import ONLINE_KINDS, BatchSource, TrainBatch, make_batches, steps_total, weighted_loss
 from passn.collective import Collective
 from passn.config import RunConfig
@@ -38,7 +38,7 @@ from trainer.engines import make_engine
 from trainer.evaluation import EpochEvaluation
 from trainer.state import MetricsSink, TrainingState
 
-FAULT_ENV = "PASSN_FAULT_KILL_RANK_AT_STEP"  # fault injection for tests: "RANK:STEP"
+FAULT_ENV = faults.KILL_RANK_ENV  # fault injection for tests: "RANK:STEP"
 
 
 def fault_marker(run_dir: str) -> Path:
