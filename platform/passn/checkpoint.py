@@ -148,14 +148,14 @@ def upload_tree(local: str | Path, remote: str) -> None:
                 raise _unreachable(f"{remote.rstrip('/')}/{rel}", "take", timeout_s) from None
 
 
-def download_tree(remote: str, local: str | Path,
-                  only: Iterable[str] | Mapping[str, dict[str, Any]] | None = None) -> None:
-    """Copy the files under ``remote`` (or just the relative paths in ``only``) into ``local``.
-    On remote storage each file has a deadline, as in :func:`upload_tree`, from its size: a
-    manifest's entries as ``only`` give it, otherwise it is asked for (one request a file)."""
+def download_tree(remote: str, local: str | Path, only: Mapping[str, dict[str, Any]] | None = None) -> None:
+    """Copy the files under ``remote`` into ``local``: all of them, or only those of ``only``, a
+    manifest's entries (relative path -> its entry, with ``bytes``). On remote storage each file has
+    a deadline, as in :func:`upload_tree`, from its size: the entry's, else asked for (one request
+    a file)."""
     fs, root = fsspec.core.url_to_fs(remote)
     wanted = list(only) if only is not None else [p[len(root) + 1 :] for p in fs.find(root)]
-    sizes = {rel: entry["bytes"] for rel, entry in only.items()} if isinstance(only, Mapping) else {}
+    sizes = {rel: entry["bytes"] for rel, entry in (only or {}).items()}
     for rel in wanted:
         _check_relative(rel)
         target = Path(local) / rel
