@@ -230,11 +230,15 @@ def run_sweep(spec: dict[str, Any], run_dir: str, max_failures: int = 2, address
     print(f"sweep: {len(spec['trials'])} trials in {run_dir}; {len(finished)} already finished"
           f"{' (skipped)' if finished else ''}, {len(todo)} to run", flush=True)
     if todo:
-        first = trial_config(spec, todo[0])
+        from jobs.train import cpus_per_run
+
+        configs = [trial_config(spec, t) for t in todo]
         with scratch("tune") as storage, ray_session(address, num_cpus=max(2, os.cpu_count() or 2)):
             total = ray.cluster_resources()
-            per_cpu = first.resources.num_workers * first.resources.cpus_per_worker
-            per_gpu = first.resources.num_workers * first.gpus_per_training_worker()  # samplers on its GPUs too
+            # a trial's CPUs and GPUs: its workers', and its samplers' (their CPUs; their GPU share
+            # where they sit on the workers' GPUs): a trial must not start where its samplers cannot
+            per_cpu = max(cpus_per_run(c) for c in configs)
+            per_gpu = max(c.resources.num_workers * c.gpus_per_training_worker() for c in configs)
             concurrency = max(1, min(int(total.get("CPU", 1) // per_cpu),
                                      int(total.get("GPU", 0) // per_gpu) if per_gpu else len(todo), len(todo)))
             progress = _Progress(len(spec["trials"]), len(finished), concurrency)

@@ -106,16 +106,22 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def local_cpus(cfg: RunConfig) -> int:
-    """Logical CPUs for an embedded local cluster: the machine's, or enough for the training
-    workers plus their sampler actors (Ray's CPUs are a scheduling count, not a pinning)."""
+def cpus_per_run(cfg: RunConfig) -> float:
+    """The Ray CPUs a training run holds at once: its workers and, for DCOa and Dr. GRPO, their
+    sampler actors and answer checkers (a sweep runs as many trials at a time as these fit)."""
     r = cfg.resources
     need = r.num_workers * r.cpus_per_worker
     if cfg.objective.kind in ONLINE_KINDS:
         need += r.num_workers * r.sampler_actors * r.sampler_cpus
-        if cfg.task.kind == "math":  # a VerifierPool actor per worker
+        if cfg.task.kind == "math":  # a VerifierPool actor per worker (actors.verifier: 0.25 CPU)
             need += r.num_workers * 0.25
-    return max(2, os.cpu_count() or 2, math.ceil(need))
+    return need
+
+
+def local_cpus(cfg: RunConfig) -> int:
+    """Logical CPUs for an embedded local cluster: the machine's, or enough for the training
+    workers plus their sampler actors (Ray's CPUs are a scheduling count, not a pinning)."""
+    return max(2, os.cpu_count() or 2, math.ceil(cpus_per_run(cfg)))
 
 
 def run_training(cfg: RunConfig, run_dir: str, address: str | None = None) -> list[dict[str, Any]]:

@@ -194,3 +194,17 @@ def test_samplers_share_their_workers_gpu_and_the_worker_asks_ray_for_both_share
     with pytest.raises(ConfigError, match=r"exceeds one GPU.*resources.sampler_gpu = 'ray'"):
         load_config(None, [*online, "resources.sampler_gpu_fraction=0.3"])
     assert load_config(None, [*online, "resources.sampler_gpu_fraction=0.3", "resources.sampler_gpu=ray"])
+
+
+def test_a_run_holds_its_workers_cpus_and_for_online_objectives_its_samplers_and_checkers():
+    from jobs.train import cpus_per_run, local_cpus
+
+    ce = load_config(None, ["objective.kind=ce", "resources.num_workers=2", "resources.cpus_per_worker=1.5"])
+    assert cpus_per_run(ce) == 3.0
+    grpo = load_config(None, ["objective.kind=dr_grpo", "resources.num_workers=2", "resources.sampler_actors=2",
+                              "resources.sampler_cpus=0.5"])
+    assert cpus_per_run(grpo) == 2 * 1 + 2 * 2 * 0.5  # a sweep runs as many such trials at a time as fit
+    math = load_config(None, ["objective.kind=dr_grpo", "task.kind=math", "task.train_path=x.jsonl",
+                              "task.test_path=y.jsonl"])
+    assert cpus_per_run(math) == 1 + 0.5 + 0.25  # and the worker's answer checker
+    assert local_cpus(math) >= 2
