@@ -9,6 +9,7 @@ is checked once.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import ray
 
@@ -27,10 +28,15 @@ class VerifierActor:
 
 class VerifierPool:
     def __init__(self, num_actors: int = 1, mode: Mode = "symbolic", timeout_s: float = 2.0,
-                 memory_mb: int = 2048, cpus_per_actor: float = 0.25, call_timeout_s: float | None = None) -> None:
-        """``timeout_s`` bounds one check; ``call_timeout_s`` one ``check_many`` (past it: DeadlinePassed)."""
-        self.actors = [VerifierActor.options(num_cpus=cpus_per_actor).remote(mode, timeout_s, memory_mb)
-                       for _ in range(num_actors)]
+                 memory_mb: int = 2048, cpus_per_actor: float = 0.25, call_timeout_s: float | None = None,
+                 scheduling_strategy: Any = None) -> None:
+        """``timeout_s`` bounds one check; ``call_timeout_s`` one ``check_many`` (past it: DeadlinePassed).
+        ``scheduling_strategy``: where the actors go, e.g. pinned to the node of the training worker that
+        owns them (which also keeps them out of a placement group that captures the caller's children)."""
+        options: dict[str, Any] = {"num_cpus": cpus_per_actor}
+        if scheduling_strategy is not None:
+            options["scheduling_strategy"] = scheduling_strategy
+        self.actors = [VerifierActor.options(**options).remote(mode, timeout_s, memory_mb) for _ in range(num_actors)]
         self.cache: dict[tuple[str, str], Verdict] = {}
         self.call_timeout_s = call_timeout_s
 

@@ -47,6 +47,25 @@ VLLM_MAX_NUM_SEQS = 1024  # vLLM 0.26's batch on a GPU with >= 70 GiB (256 on sm
 Draw = dict[int, list[tuple[tuple[int, ...], bool]]]
 
 
+def this_node() -> Any:
+    """Ray scheduling pinned to this process's node. Actors a training worker starts are given it
+    explicitly: inside a sweep's trial Ray would otherwise place them in the worker's own placement
+    group, which the worker fills, and they would never start."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
+def answer_checker(cfg: RunConfig):
+    """A training worker's answer checker for a MATH-format task: math-verify on a Ray actor on the
+    worker's node, one cache, each batch of checks bounded by resources.sampler_unit_timeout_s."""
+    from actors.verifier import VerifierPool
+
+    return VerifierPool(mode=cfg.task.answer_check, scheduling_strategy=this_node(),
+                        call_timeout_s=cfg.resources.sampler_unit_timeout_s)
+
+
 class OnlineSampler:
     def __init__(self, cfg: RunConfig, task, problems: Sequence, tokenizer, engine, max_model_len: int,
                  collective: Collective) -> None:
@@ -109,18 +128,16 @@ class OnlineSampler:
 
     def _start_pool(self, trainer_version: int) -> None:
         import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         from actors.sampler import SamplerPool
-        from actors.verifier import VerifierPool
         from passn.tasks import MathTask
 
         target = self.folder / f"v{trainer_version}"
         export_weights(self.engine, self.tokenizer, self.cfg, str(target))
-        if isinstance(self.task, MathTask):  # math-verify on Ray actors, bounded, one cache per worker
-            self.verifier = VerifierPool(mode=self.cfg.task.answer_check)
         r = self.cfg.resources
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        here = this_node()
+        if isinstance(self.task, MathTask):  # math-verify on Ray actors, bounded, one cache per worker
+            self.verifier = answer_checker(self.cfg)
         # on a GPU shared with this trainer a vLLM engine sleeps between draws (its KV cache freed,
         # its weights in host memory) only when nothing runs beside the draw: vLLM's sleep asserts
         # that the device's free memory did not shrink meanwhile, which a trainer stepping beside a

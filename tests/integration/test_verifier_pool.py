@@ -27,3 +27,43 @@ def test_verifier_pool_checks_in_parallel_with_a_shared_cache():
         pool.shutdown()
     finally:
         ray.shutdown()
+
+
+def test_a_training_workers_answer_checker_starts_inside_a_sweeps_trial(tmp_path):
+    """A training worker inside a Tune trial runs where Ray places the actors it starts in the
+    worker's own placement group, which the worker fills: an answer checker asking Ray for CPUs
+    there never started, and a CPU sweep of DCOa on a MATH-format task hung with no error. The
+    checker is pinned to the worker's node (and a stall past its deadline would be an error)."""
+    from ray import tune
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    out = tmp_path / "verdicts"
+
+    # nested: Ray pickles them by value (the workers cannot import this test module)
+    def _trainer_loop(config):
+        from passn.config import load_config
+        from trainer.sampler_client import answer_checker
+
+        cfg = load_config(None, ["objective.kind=dcoa", "task.kind=math", "task.variant=cot", "task.answer_check=exact",
+                                 "task.train_path=x.jsonl", "task.test_path=y.jsonl",
+                                 "resources.sampler_unit_timeout_s=60"])
+        checker = answer_checker(cfg)
+        try:
+            with open(config["out"], "w") as f:
+                f.write(repr([v.correct for v in checker.check_many([("4", "4"), ("5", "4")])]))
+        finally:
+            checker.shutdown()
+
+    def trial(config):
+        TorchTrainer(_trainer_loop, train_loop_config={"out": str(out)}, torch_config=TorchConfig(backend="gloo"),
+                     scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 1}),
+                     run_config=RunConfig(storage_path=str(tmp_path / "train"))).fit()
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        tune.Tuner(tune.with_resources(trial, {"cpu": 0, "memory": 1 << 20}),  # as jobs/sweep.py asks
+                   run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"))).fit()
+    finally:
+        ray.shutdown()
+    assert out.read_text() == "[True, False]"
