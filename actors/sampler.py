@@ -36,8 +36,8 @@ from passn.weight_push import SharedWeights
 # fault injection (passn.faults says what each does)
 FAULT_ENV, HANG_ENV, OOM_ENV = faults.SAMPLER_DIE_ENV, faults.SAMPLER_HANG_ENV, faults.SAMPLER_OOM_ENV
 SLOW_RESTART_ENV = faults.SAMPLER_SLOW_RESTART_ENV
-# the GPUs a pinned actor runs on (SamplerPool's gpu_ids): its CUDA_VISIBLE_DEVICES, set again when
-# the actor starts, in case Ray cleared it for an actor that asked for no GPU
+# the GPUs a pinned actor runs on (SamplerPool's gpu_ids): its CUDA_VISIBLE_DEVICES, set when the
+# actor starts (after Ray has set up the process: an actor asking no GPU may find it cleared)
 PINNED_GPUS_ENV = "PASSN_SAMPLER_GPUS"
 ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_NO_USAGE_STATS": "1", "VLLM_LOGGING_LEVEL": "WARNING",
               "VLLM_USE_FLASHINFER_SAMPLER": "0",  # else FlashInfer JIT-compiles its sampler with nvcc on first use
@@ -338,10 +338,10 @@ class SamplerPool:
         options = {"num_cpus": cpus_per_actor, "num_gpus": gpus_per_actor, "runtime_env": {"env_vars": env}}
         if gpu_ids is not None:
             # pinned to these GPUs (the caller's own, whose Ray share covers the actors' too): Ray
-            # accounts no GPU to the actors and, asked for none, leaves CUDA_VISIBLE_DEVICES as set
-            # here; gpus_per_actor still sizes the engine's memory share
+            # accounts no GPU to the actors, which set CUDA_VISIBLE_DEVICES from PINNED_GPUS_ENV when
+            # they start; gpus_per_actor still sizes the engine's memory share
             options["num_gpus"] = 0
-            env["CUDA_VISIBLE_DEVICES"] = env[PINNED_GPUS_ENV] = ",".join(str(i) for i in gpu_ids)
+            env[PINNED_GPUS_ENV] = ",".join(str(i) for i in gpu_ids)
         if scheduling_strategy is not None:  # e.g. pinned to the node of the training worker that owns it
             options["scheduling_strategy"] = scheduling_strategy
         if backend not in ENGINES:

@@ -32,39 +32,22 @@ from jobs.bench_output import write_result
 PEAK_BF16_FLOPS = 989.5e12
 
 
+def llama(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, head_dim: int, max_positions: int):
+    """A Llama-shaped config with the benchmark's fixed choices (32k vocabulary, untied head, fp32)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                       max_position_embeddings=max_positions, tie_word_embeddings=False, torch_dtype="float32")
+
+
 def llama_1b():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
-                       num_attention_heads=16, num_key_value_heads=16, head_dim=128, max_position_embeddings=2048,
-                       tie_word_embeddings=False, torch_dtype="float32")
+    return llama(2048, 5632, 16, 16, 16, 128, 2048)
 
 
-def llama_3b():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=32000, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-                       num_attention_heads=24, num_key_value_heads=8, head_dim=128, max_position_embeddings=4096,
-                       tie_word_embeddings=False, torch_dtype="float32")
-
-
-def llama_8b():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=4096,
-                       tie_word_embeddings=False, torch_dtype="float32")
-
-
-def llama_tiny():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, head_dim=16, max_position_embeddings=2048,
-                       tie_word_embeddings=False, torch_dtype="float32")
-
-
-MODELS = {"tiny": llama_tiny, "1b": llama_1b, "3b": llama_3b, "8b": llama_8b}
+# --model: the shapes the benchmark trains (3b and 8b: optimizer state beyond one GPU without ZeRO-3)
+MODELS = {"tiny": lambda: llama(64, 128, 2, 4, 4, 16, 2048), "1b": llama_1b,
+          "3b": lambda: llama(3072, 8192, 28, 24, 8, 128, 4096), "8b": lambda: llama(4096, 14336, 32, 32, 8, 128, 4096)}
 
 
 def parameter_count(config) -> int:
