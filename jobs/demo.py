@@ -11,7 +11,7 @@ With --model NAME (`passn model list`: smollm2-135m-instruct), the same sweep fi
 pretrained model (converted once into the model cache) on arithmetic word problems asked for the
 answer alone (`passn data arithmetic`, written to OUT/data; prompts through the model's chat
 template; configs/smollm2-direct.yaml), evaluating exact pass@k on the held-out problems before
-training (epoch 0) and after every epoch. --device cuda: one GPU a trial, the config's sizes (2000 problems, bf16); --device
+training (epoch 0) and after every epoch. --device cuda: four trials a GPU, the config's sizes (2000 problems, bf16); --device
 cpu: a scaled-down run (problems, steps and budgets below) in float32, one CPU a trial. The two
 checks are printed, and the exit status is 0 once the sweep ran: a short run of a pretrained model
 need not show them.
@@ -34,7 +34,8 @@ DEMO_SETTINGS = [  # docs/TOY.md's recipe, one CPU per trial, evaluated every 10
 # the real model: (train problems, test problems, epochs, budgets) and overrides per device
 REAL_SIZES = {"cuda": (2000, 200, 4, "4,16,64,256"), "cpu": (64, 32, 4, "4,64")}
 REAL_SETTINGS = {  # both: the pretrained model itself evaluated too, as epoch 0
-    "cuda": ["evaluation.at_start=true"],
+    # a 135M model uses a few GiB: four trials share each GPU, two CPUs each
+    "cuda": ["evaluation.at_start=true", "resources.gpus_per_worker=0.25", "resources.cpus_per_worker=2"],
     "cpu": ["evaluation.at_start=true", "model.dtype=float32", "resources.gpus_per_worker=0", "resources.cpus_per_worker=1",
             "optim.sequences_per_step=16", "optim.micro_sequences_per_worker=8", "optim.learning_rate=1e-4",
             "optim.warmup_steps=0", "storage.checkpoint_every_epochs=4"]}
@@ -151,7 +152,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--model", help="a real pretrained model instead of the tiny one (passn model list), e.g. "
                       "smollm2-135m-instruct")
     demo.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                      help="with --model: cuda trains each trial on a GPU at the config's sizes; cpu scales down")
+                      help="with --model: cuda trains four trials a GPU at the config's sizes; cpu scales down")
     demo.add_argument("--train", type=int, help="with --model: training problems (cuda 2000, cpu 64)")
     demo.add_argument("--test", type=int, help="with --model: held-out problems (cuda 200, cpu 32)")
     demo.set_defaults(run=main_with_args)
