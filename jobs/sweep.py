@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from typing import Any
@@ -38,7 +37,7 @@ from typing import Any
 import fsspec
 
 from passn import results, sweeps
-from passn.config import (ConfigError, ObjectiveConfig, config_hash, load_config, load_config_text,
+from passn.config import (ConfigError, ObjectiveConfig, RunConfig, config_hash, load_config, load_config_text,
                           objective_field_applies)
 from passn.scratch import scratch
 
@@ -71,6 +70,10 @@ def plan(config: str | None, grid_specs: list[str], overrides: list[str]) -> dic
         sets = [*fixed, *(f"{k}={v}" for k, v in combo.items())]
         try:
             cfg = load_config(config, sets)
+            pinned = absolute_path_overrides(cfg)
+            if pinned:
+                sets += pinned
+                cfg = load_config(config, sets)
         except ConfigError as exc:
             raise ConfigError(f"trial {name}: {exc}") from None
         digest = config_hash(cfg)
@@ -80,6 +83,16 @@ def plan(config: str | None, grid_specs: list[str], overrides: list[str]) -> dic
         seen[digest] = name
         trials.append({"name": name, "overrides": sets})
     return {"config_text": text, "config": config, "grid": grid, "overrides": overrides, "trials": trials}
+
+
+def absolute_path_overrides(cfg: RunConfig) -> list[str]:
+    """Overrides pinning the config's relative local paths (the task's data, the model folder) to
+    the directory the sweep is planned from: its trials run in Ray Tune's own working directories,
+    where a relative path names nothing."""
+    from jobs.cluster import absolute_path
+
+    paths = {"task.train_path": cfg.task.train_path, "task.test_path": cfg.task.test_path, "model.path": cfg.model.path}
+    return [f"{field}={absolute_path(path)}" for field, path in paths.items() if path and absolute_path(path) != path]
 
 
 def _read_json(path: str) -> Any:
@@ -230,14 +243,19 @@ def run_sweep(spec: dict[str, Any], run_dir: str, max_failures: int = 2, address
     print(f"sweep: {len(spec['trials'])} trials in {run_dir}; {len(finished)} already finished"
           f"{' (skipped)' if finished else ''}, {len(todo)} to run", flush=True)
     if todo:
-        from jobs.train import cpus_per_run
+        from jobs.train import cpus_per_run, local_cpus
 
         configs = [trial_config(spec, t) for t in todo]
-        with scratch("tune") as storage, ray_session(address, num_cpus=max(2, os.cpu_count() or 2)):
+        for field in ("train_path", "test_path"):  # before any trial starts: Tune would retry each in vain
+            missing = sorted({p for c in configs if (p := getattr(c.task, field)) and not path_exists(p)})
+            if missing:
+                raise sweeps.SweepError(f"task.{field}: {missing[0]}: no such file")
+        # a trial's CPUs and GPUs: its workers', and its samplers' (their CPUs; their GPU share
+        # where they sit on the workers' GPUs): a trial must not start where its samplers cannot;
+        # a local cluster is made large enough for one trial (Ray's CPUs are a count, not a pinning)
+        per_cpu = max(cpus_per_run(c) for c in configs)
+        with scratch("tune") as storage, ray_session(address, num_cpus=max(local_cpus(c) for c in configs)):
             total = ray.cluster_resources()
-            # a trial's CPUs and GPUs: its workers', and its samplers' (their CPUs; their GPU share
-            # where they sit on the workers' GPUs): a trial must not start where its samplers cannot
-            per_cpu = max(cpus_per_run(c) for c in configs)
             per_gpu = max(c.resources.num_workers * c.gpus_per_training_worker() for c in configs)
             concurrency = max(1, min(int(total.get("CPU", 1) // per_cpu),
                                      int(total.get("GPU", 0) // per_gpu) if per_gpu else len(todo), len(todo)))
