@@ -13,8 +13,8 @@ answer alone (`passn data arithmetic`, written to OUT/data; prompts through the 
 template; configs/smollm2-direct.yaml), evaluating exact pass@k on the held-out problems before
 training (epoch 0) and after every epoch. --device cuda: four trials a GPU, the config's sizes
 (2000 problems, bf16); --device cpu: a scaled-down run (problems, steps and budgets below) in
-float32, one CPU a trial. The two checks are printed, and the exit status is 0 once the sweep ran: a short run of a pretrained model
-need not show them.
+float32, one CPU a trial. The two checks are printed, and the exit status is 0 once the sweep
+ran: a short run of a pretrained model need not show them.
 
 With --model NAME --cot, the paper's chain-of-thought comparison (its Table 3) on that model:
 worked solutions ending in \\boxed{}, a sweep of CE, DCOa and Dr. GRPO (configs/smollm2-cot.yaml;
