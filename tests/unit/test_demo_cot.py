@@ -17,11 +17,20 @@ def test_the_ordering_is_read_at_the_last_epoch_and_averaged_over_seeds():
              + _rows("dcoa", {1: 0.22, 16: 0.50}, seed=1) + _rows("dr_grpo", {1: 0.35, 16: 0.55}))
     c = check_cot_ordering({"table": table, "frontier": []})
     assert c["n_max"] == 16 and c["curves"]["dcoa"] == pytest.approx({1: 0.21, 16: 0.60})
-    # dcoa's two seeds average to 0.60 at N = 16, level with ce: the first listed wins a tie, so not dcoa
-    assert (c["best_n1"], c["best_nmax"], c["dcoa_best_at_nmax"]) == ("dr_grpo", "ce", False)
+    # dcoa's two seeds average to 0.60 at N = 16, level with ce: a tie, so not dcoa alone
+    assert (c["best_n1"], c["best_nmax"], c["dcoa_best_at_nmax"]) == (["dr_grpo"], ["ce", "dcoa"], False)
     c = check_cot_ordering({"table": _rows("ce", {1: 0.3, 16: 0.6}) + _rows("dcoa", {1: 0.2, 16: 0.8}),
                             "frontier": []})
-    assert (c["best_n1"], c["best_nmax"], c["dcoa_best_at_nmax"]) == ("ce", "dcoa", True)
+    assert (c["best_n1"], c["best_nmax"], c["dcoa_best_at_nmax"]) == (["ce"], ["dcoa"], True)
+
+
+def test_a_level_result_names_every_objective_and_no_winner(capsys):
+    from jobs.demo import print_cot_ordering
+
+    c = check_cot_ordering({"table": _rows("ce", {1: 0.0, 8: 0.0}) + _rows("dcoa", {1: 0.0, 8: 0.0}), "frontier": []})
+    assert (c["best_nmax"], c["dcoa_best_at_nmax"]) == (["ce", "dcoa"], False)
+    print_cot_ordering(c)
+    assert "best at N = 8: ce, dcoa level at 0.000; DCOa alone best at the largest N" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
