@@ -37,7 +37,7 @@ from typing import Any
 import fsspec
 
 from passn import results, sweeps
-from passn.config import (ConfigError, ObjectiveConfig, RunConfig, config_hash, load_config, load_config_text,
+from passn.config import (ConfigError, ObjectiveConfig, config_hash, load_config, load_config_text,
                           objective_field_applies)
 from passn.scratch import scratch
 
@@ -54,6 +54,8 @@ def ignored_by(kind: str, field: str) -> str | None:
 def plan(config: str | None, grid_specs: list[str], overrides: list[str]) -> dict[str, Any]:
     """The sweep's spec: base config (as YAML text, so that the sweep does not depend on the file
     later), fixed overrides, and the trials, each validated now (an error names the trial)."""
+    from jobs.train import absolute_path_overrides
+
     grid = sweeps.parse_grid(grid_specs)
     text = None
     if config:
@@ -70,6 +72,7 @@ def plan(config: str | None, grid_specs: list[str], overrides: list[str]) -> dic
         sets = [*fixed, *(f"{k}={v}" for k, v in combo.items())]
         try:
             cfg = load_config(config, sets)
+            # relative paths name files where the sweep is planned, not in Tune's trial directories
             pinned = absolute_path_overrides(cfg)
             if pinned:
                 sets += pinned
@@ -83,16 +86,6 @@ def plan(config: str | None, grid_specs: list[str], overrides: list[str]) -> dic
         seen[digest] = name
         trials.append({"name": name, "overrides": sets})
     return {"config_text": text, "config": config, "grid": grid, "overrides": overrides, "trials": trials}
-
-
-def absolute_path_overrides(cfg: RunConfig) -> list[str]:
-    """Overrides pinning the config's relative local paths (the task's data, the model folder) to
-    the directory the sweep is planned from: its trials run in Ray Tune's own working directories,
-    where a relative path names nothing."""
-    from jobs.cluster import absolute_path
-
-    paths = {"task.train_path": cfg.task.train_path, "task.test_path": cfg.task.test_path, "model.path": cfg.model.path}
-    return [f"{field}={absolute_path(path)}" for field, path in paths.items() if path and absolute_path(path) != path]
 
 
 def _read_json(path: str) -> Any:

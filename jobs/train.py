@@ -106,6 +106,31 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+# the config's local paths (its data, the model folder), relative to where a run or sweep starts
+PATH_FIELDS = ("task.train_path", "task.test_path", "model.path")
+
+
+def absolute_path_overrides(cfg: RunConfig) -> list[str]:
+    """``field=ABSOLUTE`` for each of the config's relative local paths: Ray workers and Tune trials
+    run in their own working directories, where a relative path names nothing."""
+    out = []
+    for field in PATH_FIELDS:
+        section, name = field.split(".")
+        path = getattr(getattr(cfg, section), name)
+        if path and absolute_path(path) != path:
+            out.append(f"{field}={absolute_path(path)}")
+    return out
+
+
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with absolute_path_overrides applied."""
+    for override in absolute_path_overrides(cfg):
+        field, path = override.split("=", 1)
+        section, name = field.split(".")
+        cfg = cfg.model_copy(update={section: getattr(cfg, section).model_copy(update={name: path})})
+    return cfg
+
+
 def cpus_per_run(cfg: RunConfig) -> float:
     """The Ray CPUs a training run holds at once: its workers and, for DCOa and Dr. GRPO, their
     sampler actors and answer checkers (a sweep runs as many trials at a time as these fit)."""
@@ -132,10 +157,7 @@ def run_training(cfg: RunConfig, run_dir: str, address: str | None = None) -> li
 
     # Ray workers run in their own working directories: relative local paths must be made absolute
     run_dir = absolute_path(run_dir)
-    cfg = cfg.model_copy(update={"task": cfg.task.model_copy(update={
-        "train_path": absolute_path(cfg.task.train_path), "test_path": absolute_path(cfg.task.test_path)})})
-    if cfg.model.path:
-        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": absolute_path(cfg.model.path)})})
+    cfg = with_absolute_paths(cfg)
     check_before_training(cfg, run_dir)
     resume = choose_resume(cfg, run_dir)
     fs, root = fsspec.core.url_to_fs(run_dir)
