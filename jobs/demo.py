@@ -96,8 +96,8 @@ def real_model_overrides(name: str, device: str, out: str, seed: int, num_train:
     train, test = arithmetic_splits(num_train, num_test, seed=seed, max_steps=max_steps)
     train_path, test_path = write_splits(f"{out.rstrip('/')}/data", {"train": train, "test": test})
     print(f"model {name}: {folder}; {len(train)} training and {len(test)} held-out problems in {out}/data", flush=True)
-    return [*(REAL_COT_SETTINGS if cot else REAL_SETTINGS)[device], f"model.path={folder}", f"task.train_path={train_path}",
-            f"task.test_path={test_path}"]
+    return [*(REAL_COT_SETTINGS if cot else REAL_SETTINGS)[device], f"model.path={folder}",
+            f"task.train_path={train_path}", f"task.test_path={test_path}"]
 
 
 def check_effects(report: dict[str, Any]) -> dict[str, Any]:
@@ -161,8 +161,6 @@ def print_cot_ordering(c: dict[str, Any]) -> None:
 
 
 def main_with_args(args: argparse.Namespace) -> int:
-    from passn import plots, sweeps
-
     if args.cot and not args.model:
         print("passn demo: --cot needs --model (the tiny model has no chain of thought)", file=sys.stderr)
         return 2
@@ -184,7 +182,25 @@ def main_with_args(args: argparse.Namespace) -> int:
     else:
         budgets = [int(b) for b in (args.budgets or "4,16,64,256").split(",")]
         result = run_demo(args.out, args.seed, args.epochs or 40, budgets)
-    report, c = result["report"], result["checks"]
+    c = result["checks"]
+    print_sweep_tables(result["report"])
+    ok = {True: "shown", False: "NOT shown"}
+    print(f"(1) CE from epoch {c['ce_first_epoch']} to {c['ce_last_epoch']}: pass@1 {c['ce_pass1'][0]:.3f} -> "
+          f"{c['ce_pass1'][1]:.3f}, pass@{c['n_max']} {c['ce_pass_nmax'][0]:.3f} -> {c['ce_pass_nmax'][1]:.3f}: "
+          f"pass@1 rises while pass@{c['n_max']} falls: {ok[c['overconfidence_shown']]}"
+          f" (pass@{c['n_max']} was highest at epoch {c['ce_nmax_peak'][0]}: {c['ce_nmax_peak'][1]:.3f})")
+    print(f"(2) best training budget N' for test budget N = 1: {c['best_budget_n1']:g}; for N = {c['n_max']}: "
+          f"{c['best_budget_nmax']:g}: the best N' grows with N: {ok[c['frontier_shown']]}")
+    print_where(result["run_dir"])
+    if args.model:  # a short run of a pretrained model need not show the effects: said above, not failed
+        return 0
+    return 0 if c["overconfidence_shown"] and c["frontier_shown"] else 1
+
+
+def print_sweep_tables(report: dict[str, Any]) -> None:
+    """The sweep's markdown report, then each trial's pass@N at its last epoch as a text plot."""
+    from passn import plots, sweeps
+
     print()
     print(sweeps.markdown_report([dict(r) for r in report["table"]], report["frontier"]))
     curves: dict[str, dict[int, float]] = {}
@@ -193,22 +209,14 @@ def main_with_args(args: argparse.Namespace) -> int:
     print("pass@N at the last epoch (frontier.png draws the same):\n")
     print(plots.text_frontier(curves, report["frontier"], rows=20))
     print()
-    ok = {True: "shown", False: "NOT shown"}
-    print(f"(1) CE from epoch {c['ce_first_epoch']} to {c['ce_last_epoch']}: pass@1 {c['ce_pass1'][0]:.3f} -> "
-          f"{c['ce_pass1'][1]:.3f}, pass@{c['n_max']} {c['ce_pass_nmax'][0]:.3f} -> {c['ce_pass_nmax'][1]:.3f}: "
-          f"pass@1 rises while pass@{c['n_max']} falls: {ok[c['overconfidence_shown']]}"
-          f" (pass@{c['n_max']} was highest at epoch {c['ce_nmax_peak'][0]}: {c['ce_nmax_peak'][1]:.3f})")
-    print(f"(2) best training budget N' for test budget N = 1: {c['best_budget_n1']:g}; for N = {c['n_max']}: "
-          f"{c['best_budget_nmax']:g}: the best N' grows with N: {ok[c['frontier_shown']]}")
-    print(f"\nreport (frontier.json, frontier.png, confidence_*.png, report.md): {result['run_dir']}/report")
-    print(f"trials (checkpoints, metrics, TensorBoard events, per-problem evaluations): {result['run_dir']}/trials")
-    if args.model:  # a short run of a pretrained model need not show the effects: said above, not failed
-        return 0
-    return 0 if c["overconfidence_shown"] and c["frontier_shown"] else 1
+
+
+def print_where(run_dir: str) -> None:
+    print(f"\nreport (frontier.json, frontier.png, confidence_*.png, report.md): {run_dir}/report")
+    print(f"trials (checkpoints, metrics, TensorBoard events, per-problem evaluations): {run_dir}/trials")
 
 
 def _cot_demo(args: argparse.Namespace) -> int:
-    from passn import plots, sweeps
     from passn.pretrained import PretrainedError
 
     num_train, num_test, epochs, max_steps = REAL_COT_SIZES[args.device]
@@ -220,18 +228,9 @@ def _cot_demo(args: argparse.Namespace) -> int:
         return 2
     result = run_demo(args.out, args.seed, args.epochs or epochs, [], str(REAL_COT_CONFIG), settings=settings,
                       grid=["objective.kind=" + ",".join(COT_OBJECTIVES)])
-    report = result["report"]
-    print()
-    print(sweeps.markdown_report([dict(r) for r in report["table"]], report["frontier"]))
-    c = check_cot_ordering(report)
-    print_cot_ordering(c)
-    curves: dict[str, dict[int, float]] = {}
-    for r in sweeps.last_epoch_rows(report["table"]):
-        curves.setdefault(r["trial"], {})[r["k"]] = r["pass_at_k"]
-    print()
-    print(plots.text_frontier(curves, report["frontier"], rows=20))
-    print(f"\nreport (frontier.json, frontier.png, confidence_*.png, report.md): {result['run_dir']}/report")
-    print(f"trials (checkpoints, metrics, TensorBoard events, per-problem evaluations): {result['run_dir']}/trials")
+    print_sweep_tables(result["report"])
+    print_cot_ordering(check_cot_ordering(result["report"]))
+    print_where(result["run_dir"])
     return 0
 
 
@@ -241,7 +240,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="runs/demo", help="where the sweep goes (local or s3://)")
-    demo.add_argument("--epochs", type=int, help="default 40 (tiny model), 4 (--model), 2 (--cot on cuda), 1 (--cot on cpu)")
+    demo.add_argument("--epochs", type=int,
+                      help="default 40 (tiny model), 4 (--model), 2 (--cot on cuda), 1 (--cot on cpu)")
     demo.add_argument("--budgets", help="DCO's training budgets N', comma-separated (default 4,16,64,256; "
                       "--model on cpu: 4,64)")
     demo.add_argument("--model", help="a real pretrained model instead of the tiny one (passn model list), e.g. "
