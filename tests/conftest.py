@@ -42,10 +42,27 @@ GOLDEN_RTOL = 1e-6
 OTHER_CPU_EARLY_STEPS = 10  # on another CPU: compared at 1e-4, later steps at 2e-3
 
 
+# CPU features that change which float32 kernels MKL and oneDNN pick (and so their rounding):
+# torch's capability alone ("AVX512") puts Ice Lake, Sapphire Rapids (AMX, AVX512-FP16) and others
+# together, whose losses were seen to differ by 1.5e-6 relative after 22 steps of the same run
+KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512ifma", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile")
+
+
 def _cpu_capability() -> str:
+    """This CPU as the recorded losses name it: torch's capability, the flags above it has, and
+    its L2 cache size (the kernels' blocking)."""
     import torch
 
-    return torch.backends.cpu.get_cpu_capability()
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+        l2 = Path("/sys/devices/system/cpu/cpu0/cache/index2/size").read_text().strip()
+    except OSError:  # not Linux: the capability alone
+        l2 = "?"
+    return " ".join([torch.backends.cpu.get_cpu_capability(), "+".join(f for f in KERNEL_FLAGS if f in flags), f"L2={l2}"])
 
 
 @pytest.fixture
@@ -54,7 +71,7 @@ def golden():
 
     A refactor of the training path must keep them; record them anew (``PASSN_UPDATE_GOLDEN=1``)
     only for a change that is meant to change what is trained, and say so in its commit. On a CPU
-    whose vector unit differs from the recording's (other matmul kernels) the tolerance is 1e-4
+    other than the recording's (``_cpu_capability``: other matmul kernels) the tolerance is 1e-4
     for the first OTHER_CPU_EARLY_STEPS steps and 2e-3 after them (rounding differences compound
     over a long run: 3.2e-4 after 39 steps of 100 was seen), and for a run that samples
     (``sampled_after``: its first step that trains on samples) only the steps before it are
