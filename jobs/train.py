@@ -62,11 +62,13 @@ def check_before_training(cfg: RunConfig, run_dir: str) -> None:
     task = build_task(cfg, run_dir, tokenizer)
     for problems in (task.problems("train"), held_out_problems(task, cfg)):
         encode_examples(tokenizer, task, problems, limit)
-    if cfg.objective.kind in ONLINE_KINDS:  # the pool samples every training prompt
-        for problem in task.problems("train"):
+    sampled = {"training": task.problems("train") if cfg.objective.kind in ONLINE_KINDS else [],
+               "held-out": held_out_problems(task, cfg) if cfg.evaluates_with_pool() else []}
+    for split, problems in sampled.items():  # the pool samples these prompts
+        for problem in problems:
             length = len(tokenizer(task.prompt(problem)).input_ids) + cfg.sampling.max_new_tokens
             if length > limit:
-                raise ConfigError(f"training problem {problem.uid}: its prompt and sampling.max_new_tokens "
+                raise ConfigError(f"{split} problem {problem.uid}: its prompt and sampling.max_new_tokens "
                                   f"({cfg.sampling.max_new_tokens}) make {length} tokens, above the model's {limit}: "
                                   "lower sampling.max_new_tokens")
 
@@ -132,14 +134,15 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
 
 
 def cpus_per_run(cfg: RunConfig) -> float:
-    """The Ray CPUs a training run holds at once: its workers and, for DCOa and Dr. GRPO, their
-    sampler actors and answer checkers (a sweep runs as many trials at a time as these fit)."""
+    """The Ray CPUs a training run holds at once: its workers, their sampler actors where they own
+    a pool (DCOa, Dr. GRPO, evaluation.sampler) and, for DCOa and Dr. GRPO, their answer checkers
+    (a sweep runs as many trials at a time as these fit)."""
     r = cfg.resources
     need = r.num_workers * r.cpus_per_worker
-    if cfg.objective.kind in ONLINE_KINDS:
+    if cfg.has_sampler_pool():
         need += r.num_workers * r.sampler_actors * r.sampler_cpus
-        if cfg.task.kind == "math":  # a VerifierPool actor per worker (actors.verifier: 0.25 CPU)
-            need += r.num_workers * 0.25
+    if cfg.objective.kind in ONLINE_KINDS and cfg.task.kind == "math":  # a VerifierPool actor per worker (0.25 CPU)
+        need += r.num_workers * 0.25
     return need
 
 

@@ -123,11 +123,14 @@ class Run:
     pad: int
     total_steps: int
     sampler: Any = None
+    policy: Any = None  # the worker's sampler pool (the sampler's, or the evaluations' own)
     sink: MetricsSink | None = None
 
     def close(self) -> None:
         if self.sampler is not None:
             self.sampler.close()
+        elif self.policy is not None:
+            self.policy.close()
         if self.sink is not None:
             self.sink.close()
 
@@ -146,18 +149,25 @@ def build(cfg: RunConfig, run_dir: str, collective: Collective, device: torch.de
     train_problems = task.problems("train")
     examples = encode_examples(tokenizer, task, train_problems, limit)
     test_problems = held_out_problems(task, cfg)
-    evaluate = EpochEvaluation(cfg, run_dir, task, tokenizer, test_problems,
-                               encode_examples(tokenizer, task, test_problems, limit), collective)
+    test_examples = encode_examples(tokenizer, task, test_problems, limit)
 
     per_worker, pad = cfg.optim.sequences_per_step // world, tokenizer.pad_token_id
     micro = min(cfg.optim.micro_sequences_per_worker, per_worker)
     engine = make_engine(model, cfg, per_worker // micro, device)
     stream = CandidateStream(len(examples), cfg.optim.epochs, cfg.seed)
-    sampler = None
+    sampler = policy = None
     if cfg.objective.kind in ONLINE_KINDS:
         from trainer.sampler_client import OnlineSampler
 
         sampler = OnlineSampler(cfg, task, train_problems, tokenizer, engine, limit, collective)
+        policy = sampler.policy
+    elif cfg.evaluates_with_pool():  # a pool for the evaluations alone
+        from trainer.policy_pool import PolicyPool
+
+        policy = PolicyPool(cfg, tokenizer, engine, limit, rank, task.prompt((test_problems or train_problems)[0]))
+    evaluate = EpochEvaluation(cfg, run_dir, task, tokenizer, test_problems, test_examples, collective,
+                               policy=policy if cfg.evaluates_with_pool() else None,
+                               settle=sampler.settle if sampler is not None else None)
     proofs = [str(p.meta.get("theorem")) for p in train_problems] if cfg.objective.whole_proof else None
     batches = make_batches(cfg, examples, stream, collective=collective, scorer=scorer(engine, pad, micro, device),
                            sampler=sampler, proof_of=proofs)
@@ -165,7 +175,7 @@ def build(cfg: RunConfig, run_dir: str, collective: Collective, device: torch.de
     state = TrainingState(cfg, run_dir, engine, tokenizer, batches, collective, sink)
     state.restore(say, resume)
     return Run(cfg, collective, device, engine, batches, state, evaluate, stream, micro, pad,
-               steps_total(cfg, len(examples)), sampler, sink)
+               steps_total(cfg, len(examples)), sampler, policy, sink)
 
 
 def train(cfg: RunConfig, run_dir: str, collective: Collective, device: torch.device,

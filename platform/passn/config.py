@@ -213,6 +213,11 @@ class EvaluationConfig(_Strict):
     k_grid: list[PositiveInt] = [1, 4, 16, 64, 256]
     every_epochs: PositiveInt = 1  # the held-out evaluation after every E-th epoch (and the last)
     at_start: bool = False  # also the starting weights, as epoch 0, before the first step (not on a resume)
+    # what samples a chain-of-thought evaluation during training: "live", the transformers engine
+    # on the worker's own weights in its process; "pool", a sampler pool (resources.sampler_*: on
+    # a GPU, CUDA vLLM) given the weights in memory, the run's own for DCOa and Dr. GRPO, else one
+    # started for the evaluations (asleep between them where resources.sampler_sleep allows)
+    sampler: Literal["live", "pool"] = "live"
 
     @model_validator(mode="after")
     def _grid(self) -> EvaluationConfig:
@@ -269,6 +274,11 @@ class ResourcesConfig(_Strict):
     # GPU, Ray's object store on the CPU; ZeRO-3 gathers weight by weight) or through a model
     # folder; auto: memory
     sampler_weight_push: Literal["auto", "memory", "folder"] = "auto"
+    # a vLLM engine on its worker's GPU sleeps between draws at staleness 0 (its KV cache unmapped,
+    # its weights in host memory); false: it keeps its memory. vLLM asserts that the device's free
+    # memory did not shrink while it slept, so turn this off where other processes allocate on the
+    # same GPU meanwhile (several trials of a sweep sharing one GPU)
+    sampler_sleep: bool = True
     backend: Literal["deepspeed", "ddp"] = "deepspeed"
     zero_stage: Literal[0, 1, 2, 3] = 2
     max_failures: Annotated[int, Field(ge=0)] = 1
@@ -315,6 +325,12 @@ class RunConfig(_Strict):
         if kind in ("dcoa", "dr_grpo") and self.resources.sampler_actors < 1:
             raise ValueError(f"objective.kind = '{kind}' samples from the policy while training: "
                              "resources.sampler_actors must be >= 1")
+        if self.evaluation.sampler == "pool" and self.task.variant == "direct":
+            raise ValueError("evaluation.sampler = 'pool' samples chain-of-thought evaluations; direct answers are "
+                             "evaluated exactly, without sampling: leave it at 'live' or set task.variant = 'cot'")
+        if self.evaluation.sampler == "pool" and self.resources.sampler_actors < 1:
+            raise ValueError("evaluation.sampler = 'pool' samples with a sampler pool: resources.sampler_actors must "
+                             "be >= 1")
         r = self.resources
         if self.samplers_share_worker_gpu() and self.gpus_per_training_worker() > 1:
             raise ValueError(
@@ -331,10 +347,19 @@ class RunConfig(_Strict):
         return self
 
 
+    def has_sampler_pool(self) -> bool:
+        """Whether each training worker owns a sampler pool: DCOa and Dr. GRPO sample from the
+        policy; any other run where its chain-of-thought evaluations sample with one."""
+        return self.objective.kind in ("dcoa", "dr_grpo") or self.evaluates_with_pool()
+
+    def evaluates_with_pool(self) -> bool:
+        """Whether the evaluations during training sample with the worker's sampler pool."""
+        return self.evaluation.sampler == "pool" and self.task.variant != "direct"
+
     def samplers_share_worker_gpu(self) -> bool:
         """Whether each training worker's sampler actors run on the worker's own GPU."""
         r = self.resources
-        return (self.objective.kind in ("dcoa", "dr_grpo") and r.gpus_per_worker > 0 and r.sampler_gpu_fraction > 0
+        return (self.has_sampler_pool() and r.gpus_per_worker > 0 and r.sampler_gpu_fraction > 0
                 and r.sampler_gpu == "worker")
 
     def gpus_per_training_worker(self) -> float:

