@@ -208,3 +208,19 @@ def test_a_run_holds_its_workers_cpus_and_for_online_objectives_its_samplers_and
                               "task.test_path=y.jsonl"])
     assert cpus_per_run(math) == 1 + 0.5 + 0.25  # and the worker's answer checker
     assert local_cpus(math) >= 2
+
+
+def test_a_ce_run_evaluated_by_a_pool_holds_the_pools_resources_and_direct_answers_refuse_it():
+    from jobs.train import cpus_per_run
+
+    cot = ["objective.kind=ce", "task.variant=cot", "resources.gpus_per_worker=0.15",
+           "resources.sampler_gpu_fraction=0.15", "resources.sampler_cpus=1"]
+    live = load_config(None, cot)
+    assert not live.has_sampler_pool() and live.gpus_per_training_worker() == 0.15 and cpus_per_run(live) == 1
+    pool = load_config(None, [*cot, "evaluation.sampler=pool"])
+    assert pool.evaluates_with_pool() and pool.samplers_share_worker_gpu()
+    assert pool.gpus_per_training_worker() == pytest.approx(0.3) and cpus_per_run(pool) == 2  # no answer checker
+    with pytest.raises(ConfigError, match="direct answers are evaluated exactly"):
+        load_config(None, ["objective.kind=ce", "task.variant=direct", "evaluation.sampler=pool"])
+    with pytest.raises(ConfigError, match="resources.sampler_actors must be >= 1"):
+        load_config(None, [*cot, "evaluation.sampler=pool", "resources.sampler_actors=0"])
