@@ -38,7 +38,8 @@ def pretrained(tmp_path_factory) -> str:
 @pytest.mark.parametrize(("config", "backend", "extra"), [
     # 160 references, 16 a step: the CE warm-up step, then steps on the pool's samples (drops refilled)
     ("tiny-dcoa.yaml", "transformers", []),
-    ("tiny-dcoa.yaml", "vllm", []),
+    # its evaluation sampled by the same CUDA vLLM engine, given the last step's weights
+    ("tiny-dcoa.yaml", "vllm", ["evaluation.sampler=pool"]),
     # 8 rollouts of 2 prompts a step
     ("tiny-grpo.yaml", "vllm", ["objective.group_size=8"]),
     # ZeRO-3: each weight gathered alone into the push; staleness 1: the draw beside training, no sleep
@@ -96,3 +97,10 @@ def test_online_steps_with_a_sampler_on_the_same_gpu(pretrained, tmp_path, confi
         assert sum(r["dropped"] for r in rows) > 0, rows  # candidates dropped, and refilled from the stream
     else:
         assert all(r["candidates"] - r["dropped"] == 2 for r in rows[1:]), rows  # 2 groups with a signal a step
+    summary = json.loads((tmp_path / "eval" / "epoch_001.summary.json").read_text())
+    sampler = summary["provenance"]["sampler"]
+    if cfg.evaluation.sampler == "pool":
+        assert sampler == f"vllm pool, the weights of step {rows[-1]['step']} pushed in memory", summary
+        assert summary["samples_per_problem"] == 16 and summary["problems"] == 16, summary
+    else:
+        assert sampler == "transformers, the live weights", summary
