@@ -549,7 +549,7 @@ OPERATIONAL_FIELDS = (
     "storage.checkpoint_every_steps", "storage.checkpoint_every_epochs", "storage.keep_checkpoints",
     "resources.max_failures", "resources.sampler_sync_timeout_s", "resources.sampler_unit_timeout_s",
     "resources.sampler_check_every", "resources.sampler_weight_push", "evaluation.samples_per_problem", "evaluation.k_grid", "evaluation.every_epochs",
-    "evaluation.at_start", "resources.sampler_gpu",
+    "evaluation.at_start", "evaluation.sampler", "resources.sampler_gpu", "resources.sampler_sleep",
 )
 
 

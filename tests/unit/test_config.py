@@ -100,11 +100,16 @@ def test_operational_fields_do_not_block_a_resume_and_training_fields_do():
     manifest = {"config_hash": config_hash(trained), "training_hash": training_hash(trained),
                 "training_fields": training_fields(trained)}
     knobs = load_config(None, ["objective.kind=dco", "objective.budget=4", "storage.keep_checkpoints=9",
-                               "resources.sampler_sync_timeout_s=30", "storage.checkpoint_every_steps=5"])
+                               "resources.sampler_sync_timeout_s=30", "storage.checkpoint_every_steps=5",
+                               "resources.sampler_sleep=false"])
     assert training_hash(knobs) == training_hash(trained) and config_hash(knobs) != config_hash(trained)
     check_resumable(manifest, knobs, "runs/x")  # no error
     with pytest.raises(ConfigError, match=r"objective.budget: 4 -> 64"):
         check_resumable(manifest, load_config(None, ["objective.kind=dco", "objective.budget=64"]), "runs/x")
+    # what samples the evaluations decides nothing that is trained
+    cot = ["objective.kind=ce", "task.variant=cot"]
+    live = load_config(None, cot)
+    assert training_hash(live) == training_hash(load_config(None, [*cot, "evaluation.sampler=pool"]))
     # a checkpoint from before training hashes: the whole configuration must match
     old = {"config_hash": config_hash(trained)}
     check_resumable(old, trained, "runs/x")
