@@ -40,6 +40,7 @@ GOLDEN_DIR = ROOT / "tests" / "assets" / "losses"
 UPDATE_GOLDEN_ENV = "PASSN_UPDATE_GOLDEN"  # =1: record the losses instead of checking them
 GOLDEN_RTOL = 1e-6
 OTHER_CPU_EARLY_STEPS = 10  # on another CPU: compared at 1e-4, later steps at 2e-3
+OTHER_CPU_STEPS = 30  # on another CPU: only the first steps (later ones diverge: see golden)
 
 
 # CPU features that change which float32 kernels MKL and oneDNN pick (and so their rounding):
@@ -72,13 +73,17 @@ def golden():
     A refactor of the training path must keep them; record them anew (``PASSN_UPDATE_GOLDEN=1``)
     only for a change that is meant to change what is trained, and say so in its commit. On a CPU
     other than the recording's (``_cpu_capability``: other matmul kernels) the tolerance is 1e-4
-    for the first OTHER_CPU_EARLY_STEPS steps and 2e-3 after them (rounding differences compound
-    over a long run: 3.2e-4 after 39 steps of 100 was seen), and for a run that samples
-    (``sampled_after``: its first step that trains on samples) only the steps before it are
-    compared: another CPU may draw other tokens from the same seed.
+    for the first OTHER_CPU_EARLY_STEPS steps and 2e-3 after them, and only the first
+    OTHER_CPU_STEPS steps are compared: rounding differences compound, slowly at first and then
+    chaotically (the 100 steps of ``ce_coq`` on two AVX512 CPUs: 4e-6 relative at step 30, 1.5e-4 at
+    45, 2.6e-2 at 65, a factor of 100 by the end). For a run that samples (``sampled_after``: its
+    first step that trains on samples) only the steps before it are compared: another CPU may draw
+    other tokens from the same seed; and a run that starts from weights another golden run trained
+    (``derived``) is not compared on another CPU at all: its starting point already differs there.
     """
 
-    def check(name: str, metrics: list[dict], sampled_after: int | None = None, record: bool = True) -> None:
+    def check(name: str, metrics: list[dict], sampled_after: int | None = None, record: bool = True,
+              derived: bool = False) -> None:
         """``record`` False: never write the file (a run that checks a golden recorded by another)."""
         losses = [{"step": m["step"], "loss": m["loss"]} for m in metrics]
         path = GOLDEN_DIR / f"{name}.json"
@@ -91,8 +96,9 @@ def golden():
         same_cpu = recorded["cpu_capability"] == _cpu_capability()
         want = recorded["steps"]
         assert [s["step"] for s in losses] == [s["step"] for s in want], name
-        if not same_cpu and sampled_after is not None:
-            want, losses = want[: sampled_after - 1], losses[: sampled_after - 1]
+        if not same_cpu:
+            compared = 0 if derived else min(OTHER_CPU_STEPS, (sampled_after or len(want) + 1) - 1)
+            want, losses = want[:compared], losses[:compared]
         for i, (got, expected) in enumerate(zip(losses, want)):
             rtol = GOLDEN_RTOL if same_cpu else 1e-4 if i < OTHER_CPU_EARLY_STEPS else 2e-3
             assert got["loss"] == pytest.approx(expected["loss"], rel=rtol, abs=0), (name, got, expected, rtol)

@@ -51,7 +51,7 @@ def dcoa_run(pretrained, tmp_path_factory):
 def test_dcoa_keeps_the_pool_in_sync_and_refills_exactly(pretrained, dcoa_run, golden):
     golden("ce_cot", json.loads((Path(pretrained).parents[2] / "losses.json").read_text()))
     run_dir, rows = dcoa_run
-    golden("dcoa", rows, sampled_after=2)  # step 1 is the CE warm-up
+    golden("dcoa", rows, sampled_after=2, derived=True)  # from the ce_cot run's model  # step 1 is the CE warm-up
     assert rows[0].get("sampled_tokens", 0) == 0  # the CE warm-up step samples nothing
     online = rows[1:]
     assert len(online) >= 3
@@ -146,7 +146,7 @@ def test_dr_grpo_trains_balanced_rollout_groups(pretrained, tmp_path, golden):
                              *TASK, "optim.epochs=1", "evaluation.sampler=pool",
                              "evaluation.samples_per_problem=16", "evaluation.k_grid=[1,16]"])
     rows = run_training(cfg, str(tmp_path / "grpo"))
-    golden("dr_grpo", rows, sampled_after=2)
+    golden("dr_grpo", rows, sampled_after=2, derived=True)
     summary = json.loads((tmp_path / "grpo" / "eval" / "epoch_001.summary.json").read_text())
     assert summary["provenance"]["sampler"] == f"vllm pool, the weights of step {rows[-1]['step']} pushed in memory"
     assert summary["samples_per_problem"] == 16 and 0 < summary["pass_at_k"]["16"] <= 1, summary

@@ -45,7 +45,7 @@ def test_whole_proof_weights_are_the_proofs_coverage_weights(tmp_path, golden):
         *common, "model.tiny=null", f"model.path={model_dir / 'model'}", "objective.whole_proof=true",
         "objective.budget=4", "optim.epochs=1"])
     metrics = run_training(cfg, str(tmp_path / "run"))
-    golden("whole_proof_dco", metrics)
+    golden("whole_proof_dco", metrics, derived=True)  # from the ce_coq run's model
     assert [m["step"] for m in metrics] == [1, 2]  # 10 steps of 4 proofs, 4 a step
 
     # step 1 trains the stream's first 4 candidates, weighed with the initial model
@@ -68,5 +68,5 @@ def test_whole_proof_weights_are_the_proofs_coverage_weights(tmp_path, golden):
     # DCOstep from the same model and stream: each step weighed by its own F(N_eff, p)
     dco_step = run_training(cfg.model_copy(update={"objective": cfg.objective.model_copy(update={"whole_proof": False})}),
                             str(tmp_path / "dco_step"))
-    golden("dco_step", dco_step)
+    golden("dco_step", dco_step, derived=True)
     assert dco_step[0]["weight_mean"] == pytest.approx(float(step_weights.mean()), rel=1e-5)
