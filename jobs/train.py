@@ -60,10 +60,11 @@ def check_before_training(cfg: RunConfig, run_dir: str) -> None:
         check_safetensors_weights(cfg.model.path)
     ckpt.check_state_files(run_dir)  # a file no worker would load: refused here, not once per Ray Train retry
     task = build_task(cfg, run_dir, tokenizer)
-    for problems in (task.problems("train"), held_out_problems(task, cfg)):
+    train, held_out = task.problems("train"), held_out_problems(task, cfg)
+    for problems in (train, held_out):
         encode_examples(tokenizer, task, problems, limit)
-    sampled = {"training": task.problems("train") if cfg.objective.kind in ONLINE_KINDS else [],
-               "held-out": held_out_problems(task, cfg) if cfg.evaluates_with_pool() else []}
+    sampled = {"training": train if cfg.objective.kind in ONLINE_KINDS else [],
+               "held-out": held_out if cfg.evaluates_with_pool() else []}
     for split, problems in sampled.items():  # the pool samples these prompts
         for problem in problems:
             length = len(tokenizer(task.prompt(problem)).input_ids) + cfg.sampling.max_new_tokens
@@ -112,22 +113,26 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 PATH_FIELDS = ("task.train_path", "task.test_path", "model.path")
 
 
-def absolute_path_overrides(cfg: RunConfig) -> list[str]:
-    """``field=ABSOLUTE`` for each of the config's relative local paths: Ray workers and Tune trials
-    run in their own working directories, where a relative path names nothing."""
-    out = []
+def relative_paths_made_absolute(cfg: RunConfig) -> dict[str, str]:
+    """``{field: ABSOLUTE}`` for each of the config's relative local paths: Ray workers and Tune
+    trials run in their own working directories, where a relative path names nothing."""
+    out = {}
     for field in PATH_FIELDS:
         section, name = field.split(".")
         path = getattr(getattr(cfg, section), name)
         if path and absolute_path(path) != path:
-            out.append(f"{field}={absolute_path(path)}")
+            out[field] = absolute_path(path)
     return out
 
 
+def absolute_path_overrides(cfg: RunConfig) -> list[str]:
+    """``field=ABSOLUTE`` for each of the config's relative local paths (as a sweep's overrides)."""
+    return [f"{field}={path}" for field, path in relative_paths_made_absolute(cfg).items()]
+
+
 def with_absolute_paths(cfg: RunConfig) -> RunConfig:
-    """``cfg`` with absolute_path_overrides applied."""
-    for override in absolute_path_overrides(cfg):
-        field, path = override.split("=", 1)
+    """``cfg`` with its relative local paths made absolute."""
+    for field, path in relative_paths_made_absolute(cfg).items():
         section, name = field.split(".")
         cfg = cfg.model_copy(update={section: getattr(cfg, section).model_copy(update={name: path})})
     return cfg

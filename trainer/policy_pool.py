@@ -12,7 +12,7 @@ sampling a stale policy.
 
     policy = PolicyPool(cfg, tokenizer, engine, max_model_len, rank, check_prompt)
     policy.ensure(trainer_version)                  # push the weights unless it holds them already
-    completions, skipped = policy.generate(prompts, samples, temperature, max_new_tokens, seed)
+    completions = policy.generate(prompts, samples, temperature, max_new_tokens, seed, names)
 """
 
 from __future__ import annotations
@@ -101,9 +101,16 @@ class PolicyPool:
             for key, gap in zip(("sync_logp_gap", "sync_logp_gap_per_token"), self.sync_gap()):
                 self.metrics[key] = max(self.metrics.get(key, 0.0), gap)
 
-    def generate(self, prompts: Sequence[str], samples: int, temperature: float, max_new_tokens: int, seed: int):
-        """``samples`` completions of each prompt from the version the pool holds (``ensure`` first)."""
-        return self.pool.generate(prompts, samples, temperature, max_new_tokens, seed=seed)
+    def generate(self, prompts: Sequence[str], samples: int, temperature: float, max_new_tokens: int, seed: int,
+                 names: Sequence[str]):
+        """``samples`` completions of each prompt from the version the pool holds (``ensure``
+        first). A prompt the pool skips (too long for the model) is an error naming it by ``names``."""
+        completions, skipped = self.pool.generate(prompts, samples, temperature, max_new_tokens, seed=seed)
+        if skipped:
+            s = skipped[0]
+            raise ValueError(f"{names[s.prompt_index]}: {s.reason}; lower sampling.max_new_tokens or raise the "
+                             "model's max_position_embeddings")
+        return completions
 
     def engine_dtype(self) -> torch.dtype:
         """The sampler engines' dtype: model.dtype, or (auto) the dtype of the folder they started from."""

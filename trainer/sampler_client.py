@@ -81,12 +81,9 @@ class OnlineSampler:
         prompts = [self.task.prompt(p) for p in problems]
         # a function of what is drawn, not of how many draws came before: a resumed run draws the same
         seed = self.cfg.sampling.seed + 1_000_003 * version + 7919 * self.rank + indices[0]
-        completions, skipped = self.policy.generate(prompts, self.samples, self.cfg.sampling.temperature,
-                                                    self.cfg.sampling.max_new_tokens, seed=seed)
-        if skipped:
-            s = skipped[0]
-            raise ValueError(f"training example {problems[s.prompt_index].uid}: {s.reason}; lower "
-                             "sampling.max_new_tokens or raise the model's max_position_embeddings")
+        completions = self.policy.generate(prompts, self.samples, self.cfg.sampling.temperature,
+                                           self.cfg.sampling.max_new_tokens, seed,
+                                           [f"training example {p.uid}" for p in problems])
         groups = group_by_prompt(completions, len(prompts))
         texts = [c.text for g in groups for c in g]
         references = [p for p, g in zip(problems, groups) for _ in g]

@@ -322,15 +322,13 @@ class RunConfig(_Strict):
                 f"each worker trains optim.sequences_per_step / resources.num_workers = {per_worker} sequences a "
                 f"step, which optim.micro_sequences_per_worker ({micro}) must divide"
             )
-        if kind in ("dcoa", "dr_grpo") and self.resources.sampler_actors < 1:
-            raise ValueError(f"objective.kind = '{kind}' samples from the policy while training: "
-                             "resources.sampler_actors must be >= 1")
         if self.evaluation.sampler == "pool" and self.task.variant == "direct":
             raise ValueError("evaluation.sampler = 'pool' samples chain-of-thought evaluations; direct answers are "
                              "evaluated exactly, without sampling: leave it at 'live' or set task.variant = 'cot'")
-        if self.evaluation.sampler == "pool" and self.resources.sampler_actors < 1:
-            raise ValueError("evaluation.sampler = 'pool' samples with a sampler pool: resources.sampler_actors must "
-                             "be >= 1")
+        if self.has_sampler_pool() and self.resources.sampler_actors < 1:
+            why = (f"objective.kind = '{kind}' samples from the policy while training" if kind in ("dcoa", "dr_grpo")
+                   else "evaluation.sampler = 'pool' samples with a sampler pool")
+            raise ValueError(f"{why}: resources.sampler_actors must be >= 1")
         r = self.resources
         if self.samplers_share_worker_gpu() and self.gpus_per_training_worker() > 1:
             raise ValueError(
@@ -353,8 +351,9 @@ class RunConfig(_Strict):
         return self.objective.kind in ("dcoa", "dr_grpo") or self.evaluates_with_pool()
 
     def evaluates_with_pool(self) -> bool:
-        """Whether the evaluations during training sample with the worker's sampler pool."""
-        return self.evaluation.sampler == "pool" and self.task.variant != "direct"
+        """Whether the evaluations during training sample with the worker's sampler pool (only
+        chain-of-thought evaluations sample: the validator refuses the pool for direct answers)."""
+        return self.evaluation.sampler == "pool"
 
     def samplers_share_worker_gpu(self) -> bool:
         """Whether each training worker's sampler actors run on the worker's own GPU."""

@@ -51,7 +51,7 @@ def dcoa_run(pretrained, tmp_path_factory):
 def test_dcoa_keeps_the_pool_in_sync_and_refills_exactly(pretrained, dcoa_run, golden):
     golden("ce_cot", json.loads((Path(pretrained).parents[2] / "losses.json").read_text()))
     run_dir, rows = dcoa_run
-    golden("dcoa", rows, sampled_after=2, derived=True)  # from the ce_cot run's model  # step 1 is the CE warm-up
+    golden("dcoa", rows, sampled_after=2, derived=True)  # step 1 is the CE warm-up; from the ce_cot run's model
     assert rows[0].get("sampled_tokens", 0) == 0  # the CE warm-up step samples nothing
     online = rows[1:]
     assert len(online) >= 3
