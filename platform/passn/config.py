@@ -271,9 +271,11 @@ class ResourcesConfig(_Strict):
     # sync_logp_gap); 0: never
     sampler_check_every: Annotated[int, Field(ge=0)] = 0
     # how the trainer's weights reach its sampler engines after a step: in memory (CUDA IPC on a
-    # GPU, Ray's object store on the CPU; ZeRO-3 gathers weight by weight) or through a model
-    # folder; auto: memory
-    sampler_weight_push: Literal["auto", "memory", "folder"] = "auto"
+    # GPU, Ray's object store on the CPU; ZeRO-3 gathers weight by weight), broadcast over a
+    # process group (NCCL to engines on other GPUs, gloo where one shares the worker's GPU or on the
+    # CPU), or through a model folder; auto: broadcast when an engine runs on another GPU than its
+    # worker's (resources.sampler_gpu: ray), else memory
+    sampler_weight_push: Literal["auto", "memory", "broadcast", "folder"] = "auto"
     # a vLLM engine on its worker's GPU sleeps between draws at staleness 0 (its KV cache unmapped,
     # its weights in host memory); false: it keeps its memory. vLLM asserts that the device's free
     # memory did not shrink while it slept, so turn this off where other processes allocate on the

@@ -65,6 +65,11 @@ def test_weights_pushed_in_memory_equal_a_fresh_engine_on_them(tmp_path):
         push_s = time.perf_counter() - started
         pushed, _ = pool.generate(PROMPTS, 1, 0.0, 12)
         sampled, _ = pool.generate(PROMPTS, 8, 1.0, 12, seed=5)
+        # the first weights again, broadcast over a process group from CUDA buckets (gloo: the engine
+        # shares this GPU, and NCCL puts one rank on a GPU; engines on other GPUs get NCCL)
+        pool.load_weights(SharedWeights.of(model0, torch.bfloat16, by_group=True), version=2)
+        assert pool.weight_group.backend == "gloo"
+        by_group0, _ = pool.generate(PROMPTS, 1, 0.0, 12)
         pool.shutdown()
         kv = 4 << 30
         free_before = _free_gpu_bytes_settled()
@@ -87,6 +92,9 @@ def test_weights_pushed_in_memory_equal_a_fresh_engine_on_them(tmp_path):
     # asleep, the engine holds its CUDA context and graphs, not its KV cache (nor, level 1, its weights)
     assert held_asleep < kv - (2 << 30) and held_after_draws < kv - (2 << 30)
     assert [c.token_ids for c in back0] == [c.token_ids for c in greedy0]
+    assert [c.token_ids for c in by_group0] == [c.token_ids for c in greedy0]
+    for a, b in zip(by_group0, greedy0):
+        assert a.cumulative_logprob == pytest.approx(b.cumulative_logprob, abs=1e-3)
 
 
 @pytest.fixture(scope="module")

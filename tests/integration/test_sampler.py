@@ -123,7 +123,7 @@ def test_a_retry_waits_for_a_slow_restart_and_a_deadline_ends_it(ray_cluster, mo
 
 
 @pytest.mark.parametrize(("backend", "push", "tied"), [("vllm", "folder", False), ("transformers", "folder", False),
-                                                     ("vllm", "memory", True)])
+                                                     ("vllm", "memory", True), ("vllm", "broadcast", True)])
 def test_load_weights_matches_a_fresh_engine(ray_cluster, models, backend, push, tied):
     """``tied``: the head shares the embeddings' weight, so vLLM never loads it by itself (on the
     CPU its packed copy went stale: actors.sampler.repack_tied_head)."""
@@ -136,8 +136,11 @@ def test_load_weights_matches_a_fresh_engine(ray_cluster, models, backend, push,
     try:
         before, _ = pool.generate(PROMPTS, 1, temperature=0.0, max_new_tokens=4)
         # in memory: the tensors themselves through Ray's object store (CUDA IPC handles on a GPU)
-        source = models[1][0] if push == "folder" else SharedWeights.of(models[1][1], torch.float32)
+        # broadcast: over a gloo group the pool forms with its engines (NCCL between GPUs)
+        source = models[1][0] if push == "folder" else SharedWeights.of(models[1][1], torch.float32,
+                                                                        by_group=push == "broadcast")
         pool.load_weights(source, version=1)
+        assert (pool.weight_group is not None) == (push == "broadcast")
         swapped, _ = pool.generate(PROMPTS, 1, temperature=0.0, max_new_tokens=4)
         assert all(c.policy_version == 1 for c in swapped)
     finally:
@@ -151,6 +154,36 @@ def test_load_weights_matches_a_fresh_engine(ray_cluster, models, backend, push,
     assert [c.cumulative_logprob for c in swapped] == pytest.approx([c.cumulative_logprob for c in fresh], abs=1e-6)
     assert [c.token_ids for c in before] != [c.token_ids for c in swapped] or \
         [c.cumulative_logprob for c in before] != pytest.approx([c.cumulative_logprob for c in swapped], abs=1e-6)
+
+
+def test_weights_broadcast_to_two_engines_reach_one_restarted_between_pushes(ray_cluster, models):
+    """Two engines in one gloo group with the trainer. One is restarted after the first push (it
+    left the group and holds the first model again); the next push finds it, forms a new group with
+    both and sends again, and both engines then sample exactly what a fresh engine on those weights does."""
+    import torch
+
+    from passn.weight_push import SharedWeights
+
+    pool = SamplerPool(models[0][0], num_actors=2, backend="transformers", retry_deadline_s=120)
+    try:
+        pool.load_weights(SharedWeights.of(models[0][1], torch.float32, by_group=True), version=1)
+        first_group = pool.weight_group
+        ray.kill(pool.actors[0], no_restart=False)
+        pool.load_weights(SharedWeights.of(models[1][1], torch.float32, by_group=True), version=2)
+        assert pool.weight_group is not first_group and pool.restarts["weight_group"] == 1
+        assert [s["version"] for s in ray.get([a.state.remote() for a in pool.actors])] == [2, 2]
+        # a unit per prompt, spread over both engines
+        pool.prompts_per_unit = 1
+        pushed, _ = pool.generate(PROMPTS, 1, temperature=0.0, max_new_tokens=4)
+    finally:
+        pool.shutdown()
+    fresh_pool = SamplerPool(models[1][0], num_actors=1, backend="transformers")
+    try:
+        fresh, _ = fresh_pool.generate(PROMPTS, 1, temperature=0.0, max_new_tokens=4)
+    finally:
+        fresh_pool.shutdown()
+    assert [c.token_ids for c in pushed] == [c.token_ids for c in fresh]
+    assert [c.cumulative_logprob for c in pushed] == pytest.approx([c.cumulative_logprob for c in fresh], abs=1e-5)
 
 
 def test_overlong_and_unencodable_prompts_are_skipped_with_a_reason(ray_cluster, models):
