@@ -89,6 +89,8 @@ class PolicyPool:
             if shared.cuda:
                 torch.cuda.ipc_collect()  # the previous push's copies, released by the engines
             self._add("push_mb", shared.nbytes / 2**20)
+            if self.by_group:
+                self.metrics["push_broadcast"] = 1.0  # over a process group, not by handles
         else:
             target = self.folder / f"v{trainer_version}"
             export_weights(self.engine, self.tokenizer, self.cfg, str(target))

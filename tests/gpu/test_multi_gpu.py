@@ -1,6 +1,6 @@
 """Several GPUs of one host (skipped where there are fewer than two): passn's training path across
 them (`passn bench train --gpus`), DCOa with two training workers each sampling on its own GPU
-(resources.sampler_gpu = 'worker'), and `passn serve` with a replica on each GPU and with one
+(resources.sampler_gpu = 'worker'), DCOa with its sampler on another GPU (weights over NCCL), and `passn serve` with a replica on each GPU and with one
 tensor-parallel replica over two GPUs, answering the official client."""
 
 import json
@@ -42,6 +42,24 @@ def test_dcoa_with_two_workers_each_sampling_on_its_own_gpu(pretrained, tmp_path
     assert [r["step"] for r in rows][:4] == [1, 2, 3, 4], rows
     assert all(r["sampled_tokens"] > 0 and r["gpu_peak_gb"] > 0 for r in rows[1:]), rows
     assert all(r["push_mb"] > 0 for r in rows[2:] if r.get("syncs")), rows  # in memory (CUDA IPC) on each GPU
+
+
+def test_dcoa_with_its_sampler_on_another_gpu_takes_the_weights_over_nccl(pretrained, tmp_path):  # noqa: F811
+    """Disaggregated: the training worker on one GPU, its vLLM engine on another (a whole GPU Ray
+    places), the weights broadcast over NCCL after every step and checked against the trainer's."""
+    from jobs.train import run_training
+    from passn.config import load_config
+
+    cfg = load_config(str(ROOT / "configs" / "tiny-dcoa.yaml"), [
+        "model.tiny=null", f"model.path={pretrained}", *TASK, *ONE_GPU, "resources.gpus_per_worker=1",
+        "optim.epochs=1", "objective.ce_warmup_steps=1", "resources.sampler_gpu=ray",
+        "resources.sampler_gpu_fraction=1", "resources.sampler_backend=vllm", "resources.sampler_check_every=1",
+        "objective.budget=16", "objective.mc_samples=32"])
+    assert not cfg.samplers_share_worker_gpu()
+    rows = run_training(cfg, str(tmp_path))
+    pushed = [r for r in rows[2:] if r.get("syncs")]
+    assert len(pushed) >= 2 and all(r["push_mb"] > 0 and r.get("push_broadcast") == 1 for r in pushed), rows
+    assert all(r["sync_logp_gap_per_token"] < 5e-3 for r in pushed), rows
 
 
 @pytest.mark.parametrize("layout", [["--replicas", "2", "--gpus-per-replica", "1"],
