@@ -9,7 +9,8 @@
   model with random weights: per prompt with ``num_return_sequences`` (what most scripts do), and
   all prompts in one padded batch; and, with vLLM installed, the SamplerPool's CUDA vLLM engine
   against vLLM's own offline ``LLM.generate`` on the same prompts (the pool's overhead), then the
-  time to push the model's weights into the pool's running engine in memory (CUDA IPC) against
+  time to push the model's weights into the pool's running engine in memory (CUDA IPC; and
+  broadcast over NCCL to an engine on a second GPU, or gloo on one) against
   through a folder. ``--no-vllm`` skips the vLLM rows. Then where each engine's time goes: its
   prefill (the same prompts for one new token) and its time per decode step against the card's
   bandwidth bound, and for the in-process engines the time the GPU spent in kernels against the
@@ -264,23 +265,37 @@ def bench_cuda_vllm(model, tokenizer, prompt_ids: list[list[int]], samples: int,
                             "prefill_s": time.perf_counter() - start}
         print(f"  {'vllm_pool':<20} {tokens / seconds:>10,.0f} tokens/s", flush=True)
         # weight pushes into the running engine, the model held on the GPU by this process
-        memory, disk = [], []
+        memory, disk, group = [], [], []
         for version in range(1, repeats + 1):
             torch.cuda.synchronize()
             start = time.perf_counter()
             shared = SharedWeights.of(model, torch.bfloat16)
-            pool.load_weights(shared, version=2 * version)
+            pool.load_weights(shared, version=3 * version)
             memory.append(time.perf_counter() - start)
             del shared
             torch.cuda.ipc_collect()
             start = time.perf_counter()
             write_model_folder(model, tokenizer, f"{root}/v{version}")
-            pool.load_weights(f"{root}/v{version}", version=2 * version + 1)
+            pool.load_weights(f"{root}/v{version}", version=3 * version + 1)
             disk.append(time.perf_counter() - start)
-        out["push"] = {"memory_s": sorted(memory)[len(memory) // 2], "folder_s": sorted(disk)[len(disk) // 2],
-                       "memory_all_s": memory, "folder_all_s": disk,
-                       "bytes": sum(p.numel() * 2 for p in model.parameters())}
+        # broadcast over a process group: NCCL to an engine on a second GPU where there is one, else
+        # gloo from this GPU's buckets into the same engine (what one GPU can run of that path)
+        if torch.cuda.device_count() > 1:
+            pool.shutdown()
+            pool = SamplerPool(folder, num_actors=1, backend="vllm", max_model_len=max_len, kv_cache_bytes=kv,
+                               dtype="bfloat16", gpus_per_actor=0.9, start_timeout_s=900, gpu_ids=[1])
+        for version in range(3 * repeats + 2, 4 * repeats + 2):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            pool.load_weights(SharedWeights.of(model, torch.bfloat16, by_group=True), version=version)
+            group.append(time.perf_counter() - start)
+        backend = pool.weight_group.backend
         pool.shutdown()
+        out["push"] = {"memory_s": sorted(memory)[len(memory) // 2], "folder_s": sorted(disk)[len(disk) // 2],
+                       "broadcast_s": sorted(group)[len(group) // 2], "broadcast_backend": backend,
+                       "broadcast_first_s": group[0],  # includes forming the group
+                       "memory_all_s": memory, "folder_all_s": disk, "broadcast_all_s": group,
+                       "bytes": sum(p.numel() * 2 for p in model.parameters())}
         out["vllm_offline_variants"] = []
         for engine_args in variants:
             row = ray.get(offline.remote(folder, prompt_ids, samples, max_new_tokens, max_len, kv, engine_args))
@@ -427,6 +442,9 @@ def _command(args: argparse.Namespace) -> int:
             print(f"  weight push, {push['bytes'] / 2**30:.2f} GiB bf16: in memory {push['memory_s']:.3f} s, "
                   f"folder {push['folder_s']:.3f} s ({push['folder_s'] / push['memory_s']:.1f}x); target <= 0.1 s: "
                   f"{'met' if push['memory_s'] <= 0.1 else 'MISSED'}")
+            if "broadcast_s" in push:
+                print(f"  broadcast over {push['broadcast_backend']}: {push['broadcast_s']:.3f} s a push "
+                      f"({push['broadcast_first_s']:.3f} s the first, forming the group)")
             rows, bound = r["prompts"] * r["samples_per_prompt"], r["decode_tokens_per_s_bound"]
             if bound is None:
                 print(f"  card limit: {r['device']} is not in jobs.bench_sample.BANDWIDTH; no bound printed "
