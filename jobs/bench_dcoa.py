@@ -39,8 +39,11 @@ def _run(staleness: int, args: argparse.Namespace) -> dict[str, float]:
                  "evaluation.samples_per_problem=16", "evaluation.k_grid=[1,16]",
                  f"model.tiny.hidden_size={args.hidden}", f"model.tiny.intermediate_size={4 * args.hidden}",
                  f"model.tiny.num_layers={args.layers}", f"model.tiny.num_heads={args.hidden // 32}"]
-    if args.device == "cuda":  # the trainer and its sampler share one GPU
+    if args.device == "cuda" and args.layout == "colocated":  # the trainer and its sampler share one GPU
         overrides += ["resources.gpus_per_worker=0.5", "resources.sampler_gpu_fraction=0.4", "model.dtype=bfloat16"]
+    elif args.device == "cuda":  # each on a GPU of its own, the weights broadcast over NCCL
+        overrides += ["resources.gpus_per_worker=1", "resources.sampler_gpu=ray", "resources.sampler_gpu_fraction=1",
+                      "model.dtype=bfloat16"]
     rows = run_training(load_config(CONFIG, overrides), tempfile.mkdtemp(prefix=f"passn-bench-dcoa-{staleness}-"))
     timed = rows[2:]
     if not timed:
@@ -60,6 +63,11 @@ def run(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise SystemExit("passn bench dcoa --device cuda: torch sees no CUDA device here")
+        if args.layout == "disaggregated" and torch.cuda.device_count() < 2:
+            raise SystemExit("passn bench dcoa --layout disaggregated: needs two GPUs (the trainer's and its "
+                             f"sampler's); torch sees {torch.cuda.device_count()}")
+    elif args.layout == "disaggregated":
+        raise SystemExit("passn bench dcoa --layout disaggregated: GPUs only (--device cuda)")
     sync = _run(0, args)
     overlapped = _run(1, args)
     alone_sum = sync["sample_s"] + sync["train_s"]
@@ -69,9 +77,10 @@ def run(args: argparse.Namespace) -> int:
         "staleness_0_step_over_sum": sync["step_s"] / alone_sum,
         "staleness_1_step_over_max": overlapped["step_s"] / alone_max,
         "setup": {"sequences_per_step": args.sequences, "mc_samples": args.samples, "hidden": args.hidden,
-                  "layers": args.layers, "backend": args.backend, "device": args.device},
+                  "layers": args.layers, "backend": args.backend, "device": args.device, "layout": args.layout},
     }
-    print(f"\nDCOa on {args.device}, 1 training worker + 1 {args.backend} sampler actor, {args.sequences} candidates a step x "
+    print(f"\nDCOa on {args.device} ({args.layout}), 1 training worker + 1 {args.backend} sampler actor, "
+          f"{args.sequences} candidates a step x "
           f"{args.samples} samples, tiny Llama hidden {args.hidden} x {args.layers} layers")
     print(f"  alone (staleness 0's parts): sampling {sync['sample_s']:.3f} s, training {sync['train_s']:.3f} s, "
           f"weight push {sync['sync_s']:.3f} s")
@@ -98,5 +107,8 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=["vllm", "transformers"], default="vllm")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: the training worker and its sampler actor share one GPU (bf16)")
+    p.add_argument("--layout", choices=["colocated", "disaggregated"], default="colocated",
+                   help="cuda: the sampler on the trainer's GPU (weights by CUDA IPC), or on a second GPU "
+                        "(weights broadcast over NCCL; needs two GPUs)")
     p.add_argument("--out", help="also write the figures as JSON here")
     p.set_defaults(run=run)
