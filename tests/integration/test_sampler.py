@@ -123,10 +123,11 @@ def test_a_retry_waits_for_a_slow_restart_and_a_deadline_ends_it(ray_cluster, mo
 
 
 @pytest.mark.parametrize(("backend", "push", "tied"), [("vllm", "folder", False), ("transformers", "folder", False),
-                                                     ("vllm", "memory", True), ("vllm", "broadcast", True)])
+                                                     ("vllm", "memory", True)])
 def test_load_weights_matches_a_fresh_engine(ray_cluster, models, backend, push, tied):
     """``tied``: the head shares the embeddings' weight, so vLLM never loads it by itself (on the
-    CPU its packed copy went stale: actors.sampler.repack_tied_head)."""
+    CPU its packed copy went stale: actors.sampler.repack_tied_head). In memory, the first weights
+    then come back broadcast over a process group, and the engine samples as it did on them."""
     import torch
 
     from passn.weight_push import SharedWeights
@@ -136,13 +137,17 @@ def test_load_weights_matches_a_fresh_engine(ray_cluster, models, backend, push,
     try:
         before, _ = pool.generate(PROMPTS, 1, temperature=0.0, max_new_tokens=4)
         # in memory: the tensors themselves through Ray's object store (CUDA IPC handles on a GPU)
-        # broadcast: over a gloo group the pool forms with its engines (NCCL between GPUs)
-        source = models[1][0] if push == "folder" else SharedWeights.of(models[1][1], torch.float32,
-                                                                        by_group=push == "broadcast")
+        source = models[1][0] if push == "folder" else SharedWeights.of(models[1][1], torch.float32)
         pool.load_weights(source, version=1)
-        assert (pool.weight_group is not None) == (push == "broadcast")
         swapped, _ = pool.generate(PROMPTS, 1, temperature=0.0, max_new_tokens=4)
         assert all(c.policy_version == 1 for c in swapped)
+        if push == "memory":  # over a gloo group the pool forms with its engine (NCCL between GPUs)
+            pool.load_weights(SharedWeights.of(models[0][1], torch.float32, by_group=True), version=2)
+            assert pool.weight_group is not None and pool.weight_group.backend == "gloo"
+            back, _ = pool.generate(PROMPTS, 1, temperature=0.0, max_new_tokens=4)
+            assert [c.token_ids for c in back] == [c.token_ids for c in before]
+            assert [c.cumulative_logprob for c in back] == pytest.approx([c.cumulative_logprob for c in before],
+                                                                          abs=1e-6)
     finally:
         pool.shutdown()
     fresh_pool = SamplerPool(models[1][0], num_actors=1, backend=backend)
