@@ -122,6 +122,15 @@ def test_a_retry_waits_for_a_slow_restart_and_a_deadline_ends_it(ray_cluster, mo
         pool.shutdown()
 
 
+def fresh_greedy(folder, backend):
+    """The greedy completions of PROMPTS by a pool started on ``folder``: what a push must equal."""
+    pool = SamplerPool(folder, num_actors=1, backend=backend)
+    try:
+        return pool.generate(PROMPTS, 1, temperature=0.0, max_new_tokens=4)[0]
+    finally:
+        pool.shutdown()
+
+
 @pytest.mark.parametrize(("backend", "push", "tied"), [("vllm", "folder", False), ("transformers", "folder", False),
                                                      ("vllm", "memory", True)])
 def test_load_weights_matches_a_fresh_engine(ray_cluster, models, backend, push, tied):
@@ -150,11 +159,7 @@ def test_load_weights_matches_a_fresh_engine(ray_cluster, models, backend, push,
                                                                           abs=1e-6)
     finally:
         pool.shutdown()
-    fresh_pool = SamplerPool(models[1][0], num_actors=1, backend=backend)
-    try:
-        fresh, _ = fresh_pool.generate(PROMPTS, 1, temperature=0.0, max_new_tokens=4)
-    finally:
-        fresh_pool.shutdown()
+    fresh = fresh_greedy(models[1][0], backend)
     assert [c.token_ids for c in swapped] == [c.token_ids for c in fresh]
     assert [c.cumulative_logprob for c in swapped] == pytest.approx([c.cumulative_logprob for c in fresh], abs=1e-6)
     assert [c.token_ids for c in before] != [c.token_ids for c in swapped] or \
@@ -182,11 +187,7 @@ def test_weights_broadcast_to_two_engines_reach_one_restarted_between_pushes(ray
         pushed, _ = pool.generate(PROMPTS, 1, temperature=0.0, max_new_tokens=4)
     finally:
         pool.shutdown()
-    fresh_pool = SamplerPool(models[1][0], num_actors=1, backend="transformers")
-    try:
-        fresh, _ = fresh_pool.generate(PROMPTS, 1, temperature=0.0, max_new_tokens=4)
-    finally:
-        fresh_pool.shutdown()
+    fresh = fresh_greedy(models[1][0], "transformers")
     assert [c.token_ids for c in pushed] == [c.token_ids for c in fresh]
     assert [c.cumulative_logprob for c in pushed] == pytest.approx([c.cumulative_logprob for c in fresh], abs=1e-5)
 
