@@ -32,7 +32,7 @@ import ray
 from passn import faults
 from passn.deadlines import DeadlinePassed
 from passn.sampling import Completion, Skipped, Work, plan_work, prompt_seed
-from passn.weight_push import SharedWeights, WeightGroup
+from passn.weight_push import SharedWeights, WeightGroup, current_gpu
 
 # fault injection (passn.faults says what each does)
 FAULT_ENV, HANG_ENV, OOM_ENV = faults.SAMPLER_DIE_ENV, faults.SAMPLER_HANG_ENV, faults.SAMPLER_OOM_ENV
@@ -300,7 +300,7 @@ class SamplerActor:
 
         if torch.cuda.is_available():
             out["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
-            out["gpu_uuid"] = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+            out["gpu_uuid"] = current_gpu()
         return out
 
 
@@ -568,11 +568,8 @@ class SamplerPool:
         NCCL when the buckets are on a GPU none of the engines shares (NCCL puts one rank on a GPU),
         gloo otherwise."""
         if self.weight_group is None:
-            import torch
-
-            states = ray.get([actor.state.remote() for actor in self.actors])
-            here = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid) if shared.cuda else None
-            backend = "nccl" if shared.cuda and all(s.get("gpu_uuid") not in (None, here) for s in states) else "gloo"
+            here = current_gpu()
+            backend = "nccl" if shared.cuda and all(u not in (None, here) for u in self.gpu_uuids()) else "gloo"
             address, world = ray.util.get_node_ip_address(), len(self.actors) + 1
             group = WeightGroup(address, 0, 0, world, backend, timeout_s)
             joined = [actor.join_weight_group.remote(address, group.port, i + 1, world, backend, timeout_s)

@@ -31,7 +31,7 @@ from passn.config import RunConfig
 from passn.data import Example
 from passn.sampling import engine_kv_cache_bytes, kv_bytes_per_token, one_sequence_kv_cache_bytes
 from passn.scratch import scratch_dir
-from passn.weight_push import SharedWeights
+from passn.weight_push import SharedWeights, current_gpu
 from trainer.engines import export_weights, named_weights
 
 VLLM_MAX_NUM_SEQS = 1024  # vLLM 0.26's batch on a GPU with >= 70 GiB (256 on smaller ones)
@@ -154,7 +154,7 @@ class PolicyPool:
         mode = self.cfg.resources.sampler_weight_push
         if mode != "auto" or not torch.cuda.is_available():
             return mode == "broadcast"
-        here = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+        here = current_gpu()
         return any(uuid not in (None, here) for uuid in self.pool.gpu_uuids())
 
     def kv_cache_bytes(self) -> int:

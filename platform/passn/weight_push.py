@@ -144,13 +144,19 @@ class SharedWeights:
             for size in shape:
                 numel *= size
             yield name, flat[start:start + numel].view(shape)
-        for rest in range(bucket + 1, len(self.sizes)):  # a reader that stopped early: the rest, dropped
-            group.receive(torch.empty(self.sizes[rest], dtype=self.dtype, device=device))
 
     def __str__(self) -> str:
         where = ("a process group" if self.by_group else "CUDA IPC" if self.cuda else "memory")
         return (f"{len(self.names)} weights ({self.nbytes / 2**20:.1f} MiB) in {len(self.buckets)} "
                 f"bucket{'s' * (len(self.buckets) != 1)} in {where}")
+
+
+def current_gpu() -> str | None:
+    """The UUID of this process's current GPU (None without one): an engine can map a trainer's
+    memory only on the same GPU, and NCCL takes one rank a GPU."""
+    if not torch.cuda.is_available():
+        return None
+    return str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
 
 
 class WeightGroup:
