@@ -178,7 +178,16 @@ def test_weights_broadcast_to_two_engines_reach_one_restarted_between_pushes(ray
     try:
         pool.load_weights(SharedWeights.of(models[0][1], torch.float32, by_group=True), version=1)
         first_group = pool.weight_group
+        pid = ray.get(pool.actors[0].state.remote())["pid"]
         ray.kill(pool.actors[0], no_restart=False)
+        deadline = time.monotonic() + 120  # ray.kill returns at once: the push must find it restarted
+        while time.monotonic() < deadline:
+            try:
+                if ray.get(pool.actors[0].state.remote(), timeout=5)["pid"] != pid:
+                    break
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass
+            time.sleep(0.2)
         pool.load_weights(SharedWeights.of(models[1][1], torch.float32, by_group=True), version=2)
         assert pool.weight_group is not first_group and pool.restarts["weight_group"] == 1
         assert [s["version"] for s in ray.get([a.state.remote() for a in pool.actors])] == [2, 2]
